@@ -1,0 +1,3 @@
+"""backdoor-jax: backdoor attacks on image classifiers and their explanations."""
+
+__version__ = "0.1.0"
