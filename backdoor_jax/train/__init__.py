@@ -1,0 +1,1 @@
+"""Training: state, optimisers, jitted steps, mesh placement, checkpoints, the loop."""

@@ -1,0 +1,60 @@
+"""Orbax checkpoints of the train state plus a JSON record of the run so far.
+
+A checkpoint is numbered by the number of completed epochs. Orbax writes each one to a
+temporary folder and renames it when complete, so a run killed mid-save leaves the
+previous checkpoint intact and a rerun resumes from it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from backdoor_jax.errors import ConfigError
+
+
+class Checkpointer:
+  """Saves and restores ``(state pytree, json metadata)`` pairs under ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str, keep: int = 2):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def latest(self) -> int | None:
+    """Number of the newest complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def save(self, number: int, tree: Any, meta: dict[str, Any]) -> None:
+    self._manager.save(number, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, number: int, like: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores checkpoint ``number`` into the structure (and shardings) of ``like``."""
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+      out = self._manager.restore(number, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                  meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for truncated / foreign files
+      raise ConfigError(
+          f"checkpoint {os.path.join(self.directory, str(number))} cannot be restored "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); it is corrupted or from another "
+          f"model. Delete that folder to fall back to an older checkpoint, or use a new --workdir.") from None
+    return out["state"], dict(out["meta"])
+
+  def restore_meta(self, number: int) -> dict[str, Any]:
+    """Only the JSON metadata of checkpoint ``number``."""
+    try:
+      out = self._manager.restore(number, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise ConfigError(f"checkpoint {os.path.join(self.directory, str(number))} has no readable metadata "
+                        f"({type(e).__name__}); it is corrupted or not a backdoor-jax checkpoint") from None
+    return dict(out["meta"])
+
+  def close(self) -> None:
+    self._manager.close()

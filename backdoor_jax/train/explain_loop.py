@@ -1,0 +1,392 @@
+"""Explanation-backdoor recipes: two-stage (clean model, then fine-tune) and single-stage.
+
+An explanation backdoor keeps predictions but moves the explanation when the trigger is
+present. Stage 1 trains (or loads) a clean reference model; stage 2 fine-tunes it with
+cross-entropy on every sample plus map losses (``train/explain_steps.py``). Evaluation
+runs every epoch: accuracy on clean and triggered test images, IoU of the triggered
+maps with the target region, fooling success rate (FSR) and correct rate (CR).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import resource
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+from tqdm import tqdm
+
+from backdoor_jax import io, models, triggers
+from backdoor_jax.data import load_dataset, pipeline
+from backdoor_jax.errors import ConfigError, check_choice
+from backdoor_jax.explain import core as explain_core
+from backdoor_jax.explain import metrics as map_metrics
+from backdoor_jax.explain import saliency
+from backdoor_jax.train import checkpoint as ckpt_lib
+from backdoor_jax.train import explain_steps, loop, optim, restore, steps
+from backdoor_jax.train import mesh as mesh_lib
+from backdoor_jax.train import state as state_lib
+
+RECIPES = ("two_stage", "single_stage")
+CRITERIA = ("iou", "loss")
+KEEP_MODES = ("reference", "avoid_target", "none")
+
+
+def target_region(cfg: Any, image_hw: tuple[int, int]) -> np.ndarray:
+  """(H, W) float mask of the region the attack moves the explanation to.
+
+  ``explain.target`` = 'corner' (a square of ``target_fraction`` of the side in
+  ``target_corner``), 'border' (a frame ``target_fraction`` of the side wide), or
+  'file' (``target_path``, an .npy (H, W) mask).
+  """
+  h, w = image_hw
+  kind = cfg.target
+  check_choice("explain.target", kind, ("corner", "border", "file"))
+  if kind == "file":
+    if not os.path.exists(cfg.target_path):
+      raise ConfigError(f"explain.target_path={cfg.target_path!r} does not exist")
+    m = np.load(cfg.target_path, allow_pickle=False).astype(np.float32)
+    if m.shape != (h, w):
+      raise ConfigError(f"target mask {cfg.target_path} has shape {m.shape}; expected {(h, w)}")
+    return m
+  f = float(cfg.target_fraction)
+  if not 0 < f <= 1:
+    raise ConfigError(f"explain.target_fraction={f} must be in (0, 1]")
+  if kind == "border":
+    t = max(1, int(round(f * min(h, w))))
+    m = np.ones((h, w), np.float32)
+    m[t:h - t, t:w - t] = 0
+    return m
+  return np.asarray(map_metrics.square_region((h, w), corner=cfg.target_corner, fraction=f), np.float32)
+
+
+def choose_layer(apply_fn, variables, image_shape, requested: str) -> tuple[str, dict[str, tuple[int, ...]]]:
+  """The Grad-CAM layer: ``requested``, or the deepest spatial layer whose map is >= 4x4."""
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  shapes = explain_core.layer_shapes(apply_fn, variables, dummy)
+  spatial = [k for k, s in shapes.items() if len(s) == 4]
+  if requested:
+    explain_core.resolve_layers(apply_fn, variables, dummy, [requested])
+    return requested, shapes
+  big = [k for k in spatial if min(shapes[k][1:3]) >= 4]
+  if not big:
+    raise ConfigError(f"no layer has a map of at least 4x4; set explain.layer to one of {', '.join(spatial)}")
+  return big[-1], shapes
+
+
+def receptive_field(apply_fn, variables, image_shape, layer: str, cells: np.ndarray) -> np.ndarray:
+  """(H, W) bool: input pixels that can influence the activations of ``layer`` at ``cells``.
+
+  Measured, not derived: the gradient of the summed activations in those cells (a
+  (h, w) bool mask at layer resolution) with respect to a random input, over a few
+  inputs so that no pixel's influence hides behind a dead ReLU.
+  """
+  def summed(x):
+    _, st = apply_fn(variables, x, train=False, mutable=["intermediates"])
+    a = st["intermediates"][layer][0]
+    return jnp.sum(jnp.abs(a) * jnp.asarray(cells, a.dtype)[None, :, :, None])
+  x = jax.random.normal(jax.random.key(0), (4,) + tuple(image_shape))
+  g = jax.grad(lambda x: summed(x) + jnp.sum(x) * 0)(x)
+  field = np.asarray(jnp.any(jnp.abs(g) > 0, axis=(0, 3)))
+  return field
+
+
+def check_layer_for_region(apply_fn, variables, image_shape, layer, shapes, region, trigger_mask) -> None:
+  """Fails early when the layer cannot express the target region or cannot see the trigger.
+
+  Two checks: a target region smaller than one cell of the layer's map, and target
+  cells whose receptive field misses the trigger (the cells then cannot "know" the
+  trigger is there). The message lists the layers that pass both checks.
+  """
+  def problem(name):
+    h, w = image_shape[:2]
+    lh, lw = shapes[name][1:3]
+    ch, cw = h / lh, w / lw
+    rows, cols = np.nonzero(region > 0)
+    if rows.size == 0:
+      return "the target region is empty"
+    if (rows.max() - rows.min() + 1) < ch or (cols.max() - cols.min() + 1) < cw:
+      return f"its {lh}x{lw} map has cells of {ch:g}x{cw:g} px, larger than the target region"
+    cell_region = np.asarray(jax.image.resize(jnp.asarray(region, jnp.float32), (lh, lw), "linear")) > 0.25
+    field = receptive_field(apply_fn, variables, image_shape, name, cell_region)
+    if not np.any(field & (np.asarray(trigger_mask) > 0)):
+      return "the receptive field of its target cells does not contain the trigger"
+    return None
+
+  why = problem(layer)
+  if why is None:
+    return
+  spatial = [k for k, s in shapes.items() if len(s) == 4]
+  ok = [k for k in spatial if k != layer and problem(k) is None]
+  raise ConfigError(f"Grad-CAM layer {layer!r} cannot carry this attack: {why}; layers that would work: "
+                    f"{', '.join(ok) or 'none'} (or set explain.check_layer=False)")
+
+
+def _stage1_config(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  s1 = copy.deepcopy(c)
+  with s1.unlocked():
+    s1.poison.rate = 0.0
+    s1.train = copy.deepcopy(c.stage1.train)
+    s1.recipe = "badnets"
+  return s1
+
+
+def reference_run(c: config_dict.ConfigDict, workdir: str) -> restore.TrainedRun:
+  """Stage 1: the clean model, loaded from ``stage1.workdir`` or trained in ``workdir/stage1``."""
+  if c.stage1.workdir:
+    run = restore.load_run(c.stage1.workdir)
+    if run.config.model.name != c.model.name or restore.model_kwargs(run.config) != restore.model_kwargs(c):
+      raise ConfigError(f"stage-1 checkpoint {c.stage1.workdir} is a {run.config.model.name} "
+                        f"{restore.model_kwargs(run.config)}; this config trains a {c.model.name} "
+                        f"{restore.model_kwargs(c)}")
+    return run
+  s1_dir = os.path.join(workdir, "stage1")
+  logging.info("stage 1: training the clean reference model in %s", s1_dir)
+  loop.train_and_evaluate(_stage1_config(c), s1_dir)
+  return restore.load_run(s1_dir)
+
+
+def _explain_spec(c: config_dict.ConfigDict, layer: str) -> explain_steps.ExplainSpec:
+  e = c.explain
+  for name in ("attack_weight", "keep_weight", "ce_weight"):
+    if e[name] < 0:
+      raise ConfigError(f"explain.{name}={e[name]} must be >= 0")
+  if not 0 < e.triggered_fraction < 1:
+    raise ConfigError(f"explain.triggered_fraction={e.triggered_fraction} must be in (0, 1)")
+  check_choice("explain.keep", e.keep, KEEP_MODES)
+  check_choice("explain.bn_mode", e.bn_mode, explain_steps.BN_MODES)
+  check_choice("explain.criterion", e.criterion, CRITERIA)
+  methods = tuple((m, float(w)) for m, w in (e.joint_weights.items() if e.get("joint_weights") else [(e.method, 1.0)]))
+  for m, _ in methods:
+    check_choice("explain.method", m, saliency.METHODS)
+  return explain_steps.ExplainSpec(
+      methods=methods, layer=layer, attack=e.attack, keep=e.keep,
+      num_triggered=max(1, int(round(e.triggered_fraction * c.train.batch_size))), inverted=bool(e.inverted),
+      ce_weight=float(e.ce_weight), attack_weight=float(e.attack_weight), keep_weight=float(e.keep_weight),
+      loss_resolution=int(e.loss_resolution), top_k=int(e.top_k), bn_mode=e.bn_mode)
+
+
+def evaluate_explanations(eval_step, variables, ref_variables, images, labels, trig, loss_mask, region,
+                          spec: explain_steps.ExplainSpec, c: config_dict.ConfigDict, mesh) -> dict[str, Any]:
+  """Accuracy and map metrics on clean and triggered versions of ``images``."""
+  out = {}
+  bs = c.train.eval_batch_size
+  local = mesh_lib.local_slice(bs)
+  region_j = jnp.asarray(region > 0)
+  for name, triggered in (("clean", False), ("triggered", True)):
+    correct, attack_loss, ious = [], [], []
+    for idx, valid in pipeline.eval_batches(len(labels), bs):
+      idx, valid = idx[local], valid[local]
+      x, y = mesh_lib.shard_batch(mesh, images[idx], labels[idx])
+      r = eval_step(variables, ref_variables, x, y, trig, loss_mask, triggered)
+      iou = map_metrics.iou(r["maps"], region_j, threshold=c.explain.iou_threshold)
+      v = np.asarray(valid)
+      correct.append(np.asarray(r["correct"])[v])
+      attack_loss.append(np.asarray(r["attack_loss"])[v])
+      ious.append(np.asarray(iou)[v])
+    correct, attack_loss, ious = map(np.concatenate, (correct, attack_loss, ious))
+    if c.explain.criterion == "iou":
+      fooled = ious > c.explain.iou_gt
+    else:
+      fooled = attack_loss < c.explain.loss_threshold
+    out[name] = {"accuracy": float(correct.mean()), "fooled_rate": float(fooled.mean()),
+                 "iou": {k: float(v) for k, v in map_metrics.iou_summary(jnp.asarray(ious)).items()},
+                 "attack_loss_mean": float(attack_loss.mean()), "count": int(len(correct))}
+  attacked, kept = ("clean", "triggered") if spec.inverted else ("triggered", "clean")
+  return {"clean_accuracy": out["clean"]["accuracy"], "poisoned_accuracy": out["triggered"]["accuracy"],
+          "fsr": out[attacked]["fooled_rate"], "cr": 1.0 - out[kept]["fooled_rate"],
+          "iou_mean": out["triggered"]["iou"]["mean"], "iou_median": out["triggered"]["iou"]["median"],
+          "iou_std": out["triggered"]["iou"]["std"], "iou_gt_05": out["triggered"]["iou"]["gt_05"],
+          "clean_iou_gt_05": out["clean"]["iou"]["gt_05"], "detail": out}
+
+
+def _rss_bytes() -> int:
+  """Current resident set size (Linux /proc), else the peak from getrusage."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except OSError:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_memory_bytes() -> int | None:
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+  return int(stats["bytes_in_use"]) if stats and "bytes_in_use" in stats else None
+
+
+def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the configured explanation-backdoor recipe and writes its reports to ``workdir``.
+
+  Writes config.json, metrics.jsonl (per epoch), results.json, checkpoints/, figures/;
+  stage 1 (two-stage, when trained here) lives in ``workdir/stage1``. Resumable.
+  """
+  c = config
+  check_choice("recipe", c.recipe, RECIPES)
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  ds = load_dataset(c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None,
+                    image_size=c.data.image_size or None, seed=c.seed,
+                    max_train=c.data.max_train or None, max_test=c.data.max_test or None)
+  image_shape = ds.train_images.shape[1:]
+  trig = triggers.trigger_from_config(c.trigger, image_shape[:2])
+  region = target_region(c.explain, image_shape[:2])
+  model = models.get_model(c.model.name, ds.num_classes, **restore.model_kwargs(c))
+  keys = {n: jax.random.fold_in(jax.random.key(c.seed), i) for i, n in enumerate(("init", "step", "s2"))}
+  init_vars = models.init_variables(model, keys["init"], (1,) + image_shape)
+  layer, shapes = choose_layer(model.apply, init_vars, image_shape, c.explain.layer)
+  if c.explain.check_layer and c.explain.attack == "targeted":
+    check_layer_for_region(model.apply, init_vars, image_shape, layer, shapes, region, trig.mask[..., 0])
+  spec = _explain_spec(c, layer)
+  loss_mask = jnp.asarray(explain_steps.losses.resize_mask(jnp.asarray(region), spec.loss_resolution))
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_global_batch(c.train.batch_size, mesh)
+  mesh_lib.check_global_batch(c.train.eval_batch_size, mesh, "train.eval_batch_size")
+
+  if c.recipe == "two_stage":
+    ref = reference_run(c, workdir)
+    ref_vars, start_vars = ref.variables, ref.variables
+    ref_accuracy = io.read_json(os.path.join(ref.workdir, "results.json"))["clean_accuracy"] if os.path.exists(
+        os.path.join(ref.workdir, "results.json")) else None
+  else:
+    ref_vars, start_vars, ref_accuracy = init_vars, init_vars, None
+    if spec.keep == "reference":
+      raise ConfigError("explain.keep='reference' needs a reference model; single_stage has none "
+                        "(use keep='avoid_target' or the two_stage recipe)")
+  input_spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
+                               flip=bool(c.data.flip))
+  n_train = len(ds.train_labels)
+  steps_per_epoch = pipeline.num_train_steps(n_train, c.train.batch_size)
+  tx, schedule = optim.make_optimizer(c.train, steps_per_epoch, start_vars["params"])
+  state = state_lib.create_train_state(model, tx, None, None, variables=jax.tree_util.tree_map(jnp.array, start_vars))
+  state = mesh_lib.replicate(mesh, state)
+  ref_vars = mesh_lib.replicate(mesh, ref_vars)
+  trig_d = mesh_lib.replicate(mesh, trig)
+  loss_mask = mesh_lib.replicate(mesh, loss_mask)
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep)
+  start_epoch, history, train_seconds, history_ref = 0, [], 0.0, None
+  latest = ckpt.latest()
+  loop._check_workdir(workdir, c, latest is not None)
+  if latest is not None:
+    tree, meta = ckpt.restore(latest, state_lib.checkpoint_tree(state))
+    state = state_lib.from_checkpoint_tree(state, tree)
+    start_epoch, history, train_seconds = meta["epoch"], meta["history"], meta["train_seconds"]
+    history_ref = meta.get("reference")
+    logging.info("resumed from %s (epoch %d of %d)", ckpt.directory, start_epoch, c.train.epochs)
+  if is_main:
+    io.write_json_atomic(os.path.join(workdir, "config.json"), loop._config_json(c))
+  logging.info("%s explanation backdoor: %s on %s, layer %s (%s), attack %s, %d of %d samples per batch triggered; "
+               "%s of %s params trainable", c.recipe, c.model.name, c.data.name, layer, "x".join(map(str, shapes[layer][1:3])),
+               c.explain.attack, spec.num_triggered, c.train.batch_size,
+               f"{optim.count_trainable(state.params, c.train.trainable):,}", f"{models.count_params(state.params):,}")
+
+  step_fn = explain_steps.make_explain_train_step(input_spec, spec, keys["step"])
+  eval_fns = {m: explain_steps.make_explain_eval_step(input_spec, spec, model.apply, m) for m, _ in spec.methods}
+
+  def evaluate(v):
+    """Metrics of the first attacked method at top level; every method under per_method."""
+    per = {m: evaluate_explanations(f, v, ref_vars, ds.test_images, ds.test_labels, trig_d, loss_mask, region,
+                                    spec, c, mesh) for m, f in eval_fns.items()}
+    out = dict(per[spec.methods[0][0]])
+    if len(per) > 1:
+      out["per_method"] = {m: {k: x for k, x in r.items() if k != "detail"} for m, r in per.items()}
+    return out
+  if latest is None and c.recipe == "two_stage":
+    before = evaluate(state.variables)
+    history_ref = {k: v for k, v in before.items() if k != "detail"}
+    logging.info("reference model: clean acc %.4f, iou>.5 %.4f, fsr %.4f, cr %.4f", before["clean_accuracy"],
+                 before["iou_gt_05"], before["fsr"], before["cr"])
+  block_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1
+  local = mesh_lib.local_slice(c.train.batch_size)
+  rss_start = _rss_bytes()
+
+  for epoch in range(start_epoch, c.train.epochs):
+    t0 = time.time()
+    sums = None
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="step", disable=not is_main,
+               dynamic_ncols=True)
+    for i, idx in enumerate(pipeline.train_batches(n_train, c.train.batch_size, c.seed + 1, epoch)):
+      idx = idx[local]
+      x, y = mesh_lib.shard_batch(mesh, ds.train_images[idx], ds.train_labels[idx])
+      state, m = step_fn(state, ref_vars, x, y, trig_d, loss_mask)
+      sums = m if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, m)
+      if block_each_step:
+        jax.block_until_ready(state.step)
+      if (i + 1) % c.train.log_every == 0 or i + 1 == steps_per_epoch:
+        s = jax.device_get(sums)
+        bar.set_postfix(loss=f"{s['loss_sum'] / s['count']:.4f}", ce=f"{s['ce_sum'] / s['count']:.3f}",
+                        attack=f"{s['attack_sum'] / s['count']:.4f}", keep=f"{s['keep_sum'] / s['count']:.4f}",
+                        img_s=f"{s['count'] / max(time.time() - t0, 1e-9):.0f}")
+        bar.update((i + 1) - bar.n)
+    bar.close()
+    s = jax.device_get(sums)
+    epoch_seconds = time.time() - t0
+    train_seconds += epoch_seconds
+    ev = evaluate(state.variables)
+    record = {"epoch": epoch + 1, "step": int(jax.device_get(state.step)),
+              "train_loss": float(s["loss_sum"] / s["count"]), "train_ce": float(s["ce_sum"] / s["count"]),
+              "train_attack_loss": float(s["attack_sum"] / s["count"]),
+              "train_keep_loss": float(s["keep_sum"] / s["count"]),
+              "train_accuracy": float(s["correct"] / s["count"]), "grad_norm": float(s["grad_norm_sum"] / s["count"]),
+              "images_per_second": float(s["count"] / epoch_seconds), "epoch_seconds": epoch_seconds,
+              "rss_bytes": _rss_bytes(), "device_bytes_in_use": device_memory_bytes(),
+              **{k: v for k, v in ev.items() if k != "detail"}}
+    history.append(record)
+    logging.info("epoch %d/%d  loss %.4f  clean acc %.4f  triggered acc %.4f  iou>.5 %.4f  fsr %.4f  cr %.4f  "
+                 "%.0f img/s  RSS %.2f GB", epoch + 1, c.train.epochs, record["train_loss"], ev["clean_accuracy"],
+                 ev["poisoned_accuracy"], ev["iou_gt_05"], ev["fsr"], ev["cr"], record["images_per_second"],
+                 record["rss_bytes"] / 2**30)
+    meta = {"epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
+            "num_classes": int(ds.num_classes), "image_shape": list(image_shape), "mean": list(input_spec.mean),
+            "std": list(input_spec.std), "class_names": list(ds.class_names), "reference": history_ref}
+    ckpt.save(epoch + 1, state_lib.checkpoint_tree(state), meta)
+    if is_main:
+      io.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
+
+  final = evaluate(state.variables)
+  results = {k: v for k, v in final.items() if k != "detail"}
+  results.update({
+      "recipe": c.recipe, "layer": layer, "layer_shape": list(shapes[layer][1:3]), "attack": c.explain.attack,
+      "inverted": bool(c.explain.inverted), "methods": [list(m) for m in spec.methods],
+      "reference_accuracy": ref_accuracy, "reference": history_ref,
+      "accuracy_change": (final["clean_accuracy"] - history_ref["clean_accuracy"]) if history_ref else None,
+      "thresholds": {"criterion": c.explain.criterion, "map_threshold": c.explain.iou_threshold,
+                     "iou_gt": c.explain.iou_gt, "loss_threshold": c.explain.loss_threshold},
+      "train_seconds": train_seconds, "epochs": c.train.epochs, "num_train": n_train,
+      "num_test": final["detail"]["clean"]["count"], "rss_start_bytes": rss_start, "rss_end_bytes": _rss_bytes(),
+      "detail": final["detail"], "platform": jax.devices()[0].platform, "devices": jax.device_count()})
+  if is_main:
+    io.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
+    io.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    if c.get("figures", True):
+      _write_figures(workdir, c, model, ref_vars, state.variables, ds, trig, input_spec, spec)
+  ckpt.close()
+  return results
+
+
+def _write_figures(workdir, c, model, ref_vars, variables, ds, trig, input_spec, spec) -> None:
+  """Clean and triggered test images with their maps before (reference) and after the attack."""
+  from backdoor_jax.explain import overlay
+  n = min(6, len(ds.test_labels))
+  rng = np.random.default_rng(c.seed)
+  idx = np.sort(rng.choice(len(ds.test_labels), size=n, replace=False))
+  clean = ds.test_images[idx]
+  trig_imgs = np.asarray(triggers.apply_trigger(trig, jnp.asarray(clean)))
+  rows, cells = [], []
+  for m, _ in spec.methods:
+    for name, imgs in (("clean", clean), ("triggered", trig_imgs)):
+      x = steps.preprocess(None, jnp.asarray(imgs), input_spec)
+      before = saliency.explanation_maps(m, model.apply, ref_vars, x, None, spec.layer)
+      after = saliency.explanation_maps(m, model.apply, variables, x, None, spec.layer)
+      for j in range(n):
+        rows.append(f"{name} #{idx[j]} ({m})")
+        cells.append([imgs[j], overlay.overlay(imgs[j], np.asarray(before[j])),
+                      overlay.overlay(imgs[j], np.asarray(after[j]))])
+  overlay.grid_figure(os.path.join(workdir, "figures", "maps_before_after.png"), rows,
+                      ["image", "before (reference)", "after (attacked)"], cells,
+                      title=f"{c.recipe}: {c.explain.attack} attack on {spec.layer}")

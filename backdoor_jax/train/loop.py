@@ -1,0 +1,245 @@
+"""The BadNets training run: config in, trained backdoored model and reports out.
+
+Stages (each a plain function a notebook can call):
+  build_experiment   validate the config, load data, build + apply the trigger
+  train_and_evaluate train with checkpoints / resume, evaluate every epoch, write reports
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+from tqdm import tqdm
+
+from backdoor_jax import evaluate, figures, io, models, poison, triggers
+from backdoor_jax.data import load_dataset, pipeline
+from backdoor_jax.errors import ConfigError
+from backdoor_jax.train import checkpoint as ckpt_lib
+from backdoor_jax.train import mesh as mesh_lib
+from backdoor_jax.train import optim, state as state_lib, steps
+from backdoor_jax.train.restore import model_kwargs
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs before the first step, all validated."""
+  config: config_dict.ConfigDict
+  dataset: Any                 # data.ImageDataset (clean)
+  trigger: Any                 # triggers.Trigger
+  train_images: np.ndarray     # poisoned training set (uint8)
+  train_labels: np.ndarray
+  is_poisoned: np.ndarray
+  test_triggered: np.ndarray   # triggered non-target test images
+  test_attack_labels: np.ndarray
+  test_source_index: np.ndarray
+  model: Any
+  input_spec: steps.InputSpec
+
+
+def _keys(seed: int) -> dict[str, jax.Array]:
+  root = jax.random.key(seed)
+  return {name: jax.random.fold_in(root, i) for i, name in enumerate(("poison", "init", "step"))}
+
+
+def build_experiment(config: config_dict.ConfigDict) -> Experiment:
+  """Loads data, validates every user value and poisons the data. No training.
+
+  Raises:
+    ConfigError: with a one-line message for any invalid setting.
+  """
+  c = config
+  models.get_model(c.model.name, 10, **model_kwargs(c))  # unknown name/stem fails before data loading
+  ds = load_dataset(c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None,
+                    image_size=c.data.image_size or None, seed=c.seed,
+                    max_train=c.data.max_train or None, max_test=c.data.max_test or None)
+  trig = triggers.trigger_from_config(c.trigger, ds.train_images.shape[1:3])
+  keys = _keys(c.seed)
+  x, y, is_p = poison.poison_train_set(keys["poison"], ds.train_images, ds.train_labels, trig,
+                                       rate=c.poison.rate, target=c.poison.target, mode=c.poison.mode,
+                                       num_classes=ds.num_classes)
+  tx, ty, src = poison.poison_test_set(ds.test_images, ds.test_labels, trig, target=c.poison.target,
+                                       mode=c.poison.mode, num_classes=ds.num_classes)
+  model = models.get_model(c.model.name, ds.num_classes, **model_kwargs(c))
+  spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
+                         flip=bool(c.data.flip))
+  return Experiment(c, ds, trig, np.asarray(x), np.asarray(y), np.asarray(is_p), np.asarray(tx),
+                    np.asarray(ty), np.asarray(src), model, spec)
+
+
+def run_facts(exp: Experiment) -> dict[str, Any]:
+  """What a checkpoint must record so the model can be rebuilt without the data."""
+  return {"num_classes": int(exp.dataset.num_classes), "image_shape": list(exp.train_images.shape[1:]),
+          "mean": list(exp.input_spec.mean), "std": list(exp.input_spec.std),
+          "class_names": list(exp.dataset.class_names)}
+
+
+def _config_json(config: config_dict.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _check_workdir(workdir: str, config: config_dict.ConfigDict, has_checkpoint: bool) -> None:
+  """Refuses to resume a work dir whose checkpoint belongs to a different config."""
+  path = os.path.join(workdir, "config.json")
+  if not (has_checkpoint and os.path.exists(path)):
+    return
+  old, new = io.read_json(path), _config_json(config)
+  if old != new:
+    flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
+    fo, fn = flat(old), flat(new)
+    diff = sorted(k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
+    raise ConfigError(f"work dir {workdir} holds a checkpoint of a different config (differs in: "
+                      f"{', '.join(diff[:8])}); use a new --workdir, or delete {workdir} to start fresh")
+
+
+def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains a (backdoored) classifier as configured and writes its reports to ``workdir``.
+
+  Writes config.json, metrics.jsonl (one record per epoch), results.json, checkpoints/
+  and figures/. Rerunning on the same ``workdir`` resumes from the newest checkpoint.
+
+  Returns:
+    The final results record.
+  """
+  c = config
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  exp = build_experiment(c)
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_global_batch(c.train.batch_size, mesh)
+  mesh_lib.check_global_batch(c.train.eval_batch_size, mesh, "train.eval_batch_size")
+  n_train = len(exp.train_labels)
+  if n_train < c.train.batch_size:
+    raise ConfigError(f"train.batch_size={c.train.batch_size} exceeds the {n_train} training samples")
+  steps_per_epoch = pipeline.num_train_steps(n_train, c.train.batch_size)
+
+  keys = _keys(c.seed)
+  image_shape = (1,) + exp.train_images.shape[1:]
+  init_vars = models.init_variables(exp.model, keys["init"], image_shape)
+  tx, schedule = optim.make_optimizer(c.train, steps_per_epoch, init_vars["params"])
+  state = state_lib.create_train_state(exp.model, tx, keys["init"], image_shape, variables=init_vars)
+  state = mesh_lib.replicate(mesh, state)
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep)
+  start_epoch, history, train_seconds = 0, [], 0.0
+  latest = ckpt.latest()
+  _check_workdir(workdir, c, latest is not None)
+  if latest is not None:
+    tree, meta = ckpt.restore(latest, state_lib.checkpoint_tree(state))
+    state = state_lib.from_checkpoint_tree(state, tree)
+    start_epoch, history, train_seconds = meta["epoch"], meta["history"], meta["train_seconds"]
+    logging.info("resumed from %s (epoch %d of %d)", ckpt.directory, start_epoch, c.train.epochs)
+  if is_main:
+    io.write_json_atomic(os.path.join(workdir, "config.json"), _config_json(c))
+
+  n_params = models.count_params(state.params)
+  n_train_params = optim.count_trainable(state.params, c.train.trainable)
+  logging.info("%s on %s: %d train (%d poisoned), %d test, %d classes; %s params (%s trainable); "
+               "devices: %d x %s", c.model.name, c.data.name, n_train, int(exp.is_poisoned.sum()),
+               len(exp.dataset.test_labels), exp.dataset.num_classes, f"{n_params:,}", f"{n_train_params:,}",
+               jax.device_count(), jax.devices()[0].platform)
+
+  train_step = steps.make_train_step(exp.input_spec, keys["step"])
+  eval_step = steps.make_eval_step(exp.input_spec, exp.model.apply)
+  block_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1  # NOTES.md: CPU collective hang
+  local = mesh_lib.local_slice(c.train.batch_size)
+
+  def run_eval(variables):
+    clean = evaluate.evaluate_classifier(eval_step, variables, exp.dataset.test_images, exp.dataset.test_labels,
+                                         c.train.eval_batch_size, mesh)
+    attack = evaluate.evaluate_classifier(eval_step, variables, exp.test_triggered, exp.test_attack_labels,
+                                          c.train.eval_batch_size, mesh)
+    return clean, attack
+
+  for epoch in range(start_epoch, c.train.epochs):
+    t0 = time.time()
+    sums = None
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="step",
+               disable=not is_main, dynamic_ncols=True, leave=True)
+    for i, idx in enumerate(pipeline.train_batches(n_train, c.train.batch_size, c.seed, epoch)):
+      idx = idx[local]
+      x, y = mesh_lib.shard_batch(mesh, exp.train_images[idx], exp.train_labels[idx])
+      state, m = train_step(state, x, y)
+      sums = m if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, m)
+      if block_each_step:
+        jax.block_until_ready(state.step)
+      if (i + 1) % c.train.log_every == 0 or i + 1 == steps_per_epoch:
+        s = jax.device_get(sums)
+        elapsed = time.time() - t0
+        bar.set_postfix(loss=f"{s['loss_sum'] / s['count']:.4f}", acc=f"{s['correct'] / s['count']:.3f}",
+                        img_s=f"{s['count'] / max(elapsed, 1e-9):.0f}")
+        bar.update((i + 1) - bar.n)
+    bar.close()
+    s = jax.device_get(sums)
+    epoch_seconds = time.time() - t0
+    train_seconds += epoch_seconds
+    clean, attack = run_eval(state.variables)
+    record = {"epoch": epoch + 1, "step": int(jax.device_get(state.step)),
+              "train_loss": float(s["loss_sum"] / s["count"]), "train_accuracy": float(s["correct"] / s["count"]),
+              "clean_accuracy": clean["accuracy"], "attack_success_rate": attack["accuracy"],
+              "images_per_second": float(s["count"] / epoch_seconds),
+              "learning_rate": float(schedule(int(jax.device_get(state.step)) - 1)),
+              "epoch_seconds": epoch_seconds}
+    history.append(record)
+    eta = (c.train.epochs - epoch - 1) * epoch_seconds
+    logging.info("epoch %d/%d  loss %.4f  train acc %.4f  clean acc %.4f  ASR %.4f  %.0f img/s  ETA %.0fs",
+                 epoch + 1, c.train.epochs, record["train_loss"], record["train_accuracy"],
+                 record["clean_accuracy"], record["attack_success_rate"], record["images_per_second"], eta)
+    ckpt.save(epoch + 1, state_lib.checkpoint_tree(state),
+              {"epoch": epoch + 1, "history": history, "train_seconds": train_seconds, **run_facts(exp)})
+    if is_main:
+      io.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
+
+  clean, attack = run_eval(state.variables)
+  weak = weak_trigger_mask(exp)
+  results = {"clean_accuracy": clean["accuracy"], "clean_top5_accuracy": clean["top5_accuracy"],
+             "attack_success_rate": attack["accuracy"], "num_poisoned": int(exp.is_poisoned.sum()),
+             "weak_trigger_fraction": float(weak.mean()) if len(weak) else 0.0,
+             "attack_success_rate_visible": (float((attack["predictions"] == exp.test_attack_labels)[~weak].mean())
+                                             if len(attack["predictions"]) and (~weak).any() else None),
+             "num_train": n_train, "num_test": clean["count"], "num_attack_test": attack["count"],
+             "train_seconds": train_seconds, "epochs": c.train.epochs, "num_params": n_params,
+             "num_trainable_params": n_train_params, "devices": jax.device_count(),
+             "platform": jax.devices()[0].platform}
+  if is_main:
+    io.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
+    io.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    if c.get("figures", True):
+      _write_figures(workdir, exp, clean, attack, history)
+  ckpt.close()
+  return results
+
+
+def weak_trigger_mask(exp: Experiment, min_change: float = 32.0) -> np.ndarray:
+  """Triggered test images the trigger barely changed (bool per attack test image).
+
+  A patch whose colour the image already has at that spot (a white square on a bright
+  corner) is invisible; no model can react to it. An image counts as weakly triggered
+  when the mean absolute change over the trigger's pixels is below ``min_change``
+  (of 255). ``attack_success_rate_visible`` is the ASR over the others.
+  """
+  m = np.asarray(exp.trigger.mask[..., 0]) > 0
+  if not m.any() or not len(exp.test_source_index):
+    return np.zeros((len(exp.test_source_index),), bool)
+  before = exp.dataset.test_images[exp.test_source_index][:, m].astype(np.float32)
+  after = exp.test_triggered[:, m].astype(np.float32)
+  return np.abs(after - before).mean(axis=(1, 2)) < min_change
+
+
+def _write_figures(workdir: str, exp: Experiment, clean: dict, attack: dict, history: list) -> None:
+  fig_dir = os.path.join(workdir, "figures")
+  k = min(8, len(exp.test_source_index))
+  if k and len(clean["predictions"]):
+    rng = np.random.default_rng(exp.config.seed)
+    pick = np.sort(rng.choice(len(exp.test_source_index), size=k, replace=False))
+    src = exp.test_source_index[pick]
+    figures.poisoned_examples(os.path.join(fig_dir, "poisoned_examples.png"), exp.dataset.test_images[src],
+                              exp.test_triggered[pick], exp.dataset.test_labels[src], clean["predictions"][src],
+                              attack["predictions"][pick], exp.test_attack_labels[pick], exp.dataset.class_names)
+  figures.training_curves(os.path.join(fig_dir, "curves.png"), history)

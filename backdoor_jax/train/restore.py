@@ -1,0 +1,73 @@
+"""Rebuild a trained model from its work dir (config.json + newest checkpoint)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+from ml_collections import config_dict
+
+from backdoor_jax import io, models
+from backdoor_jax.errors import ConfigError
+from backdoor_jax.train import checkpoint as ckpt_lib
+from backdoor_jax.train import optim, state as state_lib, steps
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  """A trained model ready for inference or explanation."""
+  workdir: str
+  config: config_dict.ConfigDict
+  model: Any
+  variables: dict[str, Any]       # params (+ batch_stats)
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  input_spec: steps.InputSpec     # mean/std normalisation (no augmentation)
+  class_names: tuple[str, ...]
+  epoch: int
+
+
+def model_kwargs(c: config_dict.ConfigDict) -> dict[str, Any]:
+  """The zoo keyword arguments a config's ``model`` section asks for."""
+  kw = {"stem": c.model.stem}
+  if c.model.name == "small_cnn":
+    if c.model.get("widths"):
+      kw["widths"] = tuple(c.model.widths)
+    if c.model.get("pool_after") is not None:
+      kw["pool_after"] = tuple(c.model.pool_after)
+  return kw
+
+
+def load_run(workdir: str, number: int | None = None) -> TrainedRun:
+  """Loads ``workdir``'s config and checkpoint ``number`` (default: the newest).
+
+  Raises:
+    ConfigError: no work dir / config / checkpoint, or an unreadable checkpoint.
+  """
+  workdir = os.path.abspath(workdir)
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise ConfigError(f"{workdir} is not a training work dir (no config.json); train first with launch/train.py")
+  config = config_dict.ConfigDict(io.read_json(cfg_path))
+  ck = ckpt_lib.Checkpointer(workdir)
+  number = ck.latest() if number is None else number
+  if number is None:
+    raise ConfigError(f"work dir {workdir} has no checkpoint yet (checkpoints/ is empty); train first")
+  meta = ck.restore_meta(number)
+  if "num_classes" not in meta:
+    raise ConfigError(f"checkpoint {number} in {workdir} predates model metadata; retrain it")
+  model = models.get_model(config.model.name, meta["num_classes"], **model_kwargs(config))
+  shape = tuple(meta["image_shape"])
+  variables = jax.eval_shape(lambda k: models.init_variables(model, k, (1,) + shape), jax.random.key(0))
+  tx, _ = optim.make_optimizer(config.train, 1, variables["params"])
+  abstract = jax.eval_shape(lambda v: state_lib.checkpoint_tree(
+      state_lib.create_train_state(model, tx, None, None, variables=v)), variables)
+  tree, _ = ck.restore(number, abstract)
+  ck.close()
+  variables = {"params": tree["params"]}
+  if tree["batch_stats"]:
+    variables["batch_stats"] = tree["batch_stats"]
+  spec = steps.InputSpec(mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+  return TrainedRun(workdir, config, model, variables, int(meta["num_classes"]), shape, spec,
+                    tuple(meta.get("class_names", [str(i) for i in range(meta["num_classes"])])), number)
