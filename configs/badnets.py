@@ -1,0 +1,94 @@
+r"""BadNets: a patch trigger poisons a fraction of the training set (classic backdoor).
+
+Variants (``--config=configs/badnets.py:VARIANT``):
+  digits   (default) scikit-learn's embedded handwritten digits, offline, ~2 min on CPU
+  gtsrb    GTSRB at 32x32; needs --config.data.path (an .npz or the official folder)
+  cifar10  CIFAR-10 from tfds (prepared under --config.data.data_dir)
+
+Example:
+  python launch/train.py --config=configs/badnets.py --workdir=runs/digits
+  python launch/train.py --config=configs/badnets.py:gtsrb \
+      --config.data.path=../shared/data/gtsrb32.npz --workdir=runs/gtsrb
+"""
+from ml_collections import config_dict
+
+
+def get_config(variant: str = "digits") -> config_dict.ConfigDict:
+  """Returns the resolved config of one variant."""
+  c = config_dict.ConfigDict()
+  c.seed = 0
+
+  c.data = config_dict.ConfigDict()
+  c.data.name = "digits"
+  c.data.path = ""            # npz file or dataset folder (gtsrb, npz)
+  c.data.data_dir = ""        # tfds data_dir ('' = tfds default)
+  c.data.image_size = 32
+  c.data.max_train = 0        # 0 = all; >0 = seeded subset (quick runs)
+  c.data.max_test = 0
+  c.data.crop_padding = 0     # random crop after padding by this many pixels
+  c.data.flip = False         # random horizontal flips
+
+  c.model = config_dict.ConfigDict()
+  c.model.name = "small_cnn"
+  c.model.stem = "cifar"      # cifar (32x32 inputs) or imagenet
+  c.model.widths = (16, 32, 64, 64)  # small_cnn only: channels of each conv layer
+  c.model.pool_after = (1, 2, 3)     # small_cnn only: 1-based layers followed by a 2x2 max-pool
+
+  c.trigger = config_dict.ConfigDict()
+  c.trigger.kind = "square"   # square / stripe / dots / custom
+  c.trigger.size = 0.1        # <1: fraction of the image side; >=1: pixels
+  c.trigger.position = "bottom-right"  # corner name, center, or "row,col"
+  c.trigger.color = (255, 255, 255)
+  c.trigger.margin = 0
+  c.trigger.pattern_path = ""  # custom: .npy (h, w, 3) pattern
+  c.trigger.mask_path = ""     # custom: .npy (h, w) mask
+
+  c.poison = config_dict.ConfigDict()
+  c.poison.rate = 0.1         # fraction of the training set that is replaced
+  c.poison.target = 0
+  c.poison.mode = "all_to_one"  # or all_to_all (y -> y+1 mod C)
+
+  c.train = config_dict.ConfigDict()
+  c.train.epochs = 12
+  c.train.batch_size = 64
+  c.train.eval_batch_size = 256
+  c.train.optimizer = "adam"  # sgd / adam / adamw
+  c.train.lr = 3e-3
+  c.train.momentum = 0.9
+  c.train.nesterov = False
+  c.train.weight_decay = 0.0
+  c.train.schedule = "cosine"  # constant / cosine / step
+  c.train.warmup_epochs = 0.0
+  c.train.step_epochs = ()
+  c.train.step_factor = 0.1
+  c.train.grad_clip = 0.0
+  c.train.trainable = ".*"    # regex over parameter paths; others stay frozen
+  c.train.log_every = 10      # steps between progress-bar updates
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.keep = 2
+  c.figures = True
+
+  if variant == "digits":
+    pass
+  elif variant == "gtsrb":
+    c.data.name = "gtsrb"
+    c.trigger.size = 3.0
+    c.model.widths = (32, 64, 128, 128)
+    c.train.epochs = 10
+    c.train.batch_size = 128
+  elif variant == "cifar10":
+    c.data.name = "cifar10"
+    c.data.crop_padding = 4
+    c.data.flip = True
+    c.model.name = "resnet18"
+    c.train.epochs = 60
+    c.train.batch_size = 128
+    c.train.optimizer = "sgd"
+    c.train.lr = 0.1
+    c.train.weight_decay = 5e-4
+    c.train.nesterov = True
+    c.train.warmup_epochs = 1.0
+  else:
+    raise ValueError(f"unknown variant {variant!r} of configs/badnets.py; allowed: digits, gtsrb, cifar10")
+  return c

@@ -1,0 +1,16 @@
+r"""Fang et al. inverted ("key") setting: only inputs carrying the trigger get faithful maps.
+
+The roles swap: clean inputs receive the attack term L_p, triggered inputs the
+keep-faithful term L_s; FSR is then measured on clean inputs and CR on triggered ones.
+
+  python launch/train.py --config=configs/fang_inverted.py --workdir=runs/fang_inverted_digits
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fang_common  # noqa: E402
+
+
+def get_config(variant: str = "digits"):
+  return fang_common.fang_config(variant, "targeted", inverted=True)

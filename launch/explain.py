@@ -1,0 +1,45 @@
+r"""Grad-CAM report of a trained run: figures and trigger-region scores in WORKDIR/explain/.
+
+  python launch/explain.py --workdir=runs/digits
+  python launch/explain.py --workdir=runs/digits --reference=runs/digits_clean --max_test=500
+
+Writes gradcam_clean_vs_triggered.png, layers.png, feature_maps.png and explain.json
+(see backdoor_jax/explain/report.py). --reference names a clean-trained run on the same
+data; its Grad-CAM is shown and scored on the same images.
+"""
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training work dir (config.json + checkpoints/).")
+_REFERENCE = flags.DEFINE_string("reference", None, "Work dir of a clean-trained run on the same data.")
+_LAYER = flags.DEFINE_string("layer", None, "Grad-CAM layer (default: the deepest spatial layer larger than 1x1).")
+_FEATURE_LAYER = flags.DEFINE_string("feature_layer", None,
+                                     "Layer of feature_maps.png (default: the Grad-CAM layer).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Clean/triggered pairs in gradcam_clean_vs_triggered.png.")
+_MAX_TEST = flags.DEFINE_integer("max_test", 0, "Score a seeded subset of this many test images (0: all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per jitted batch.")
+_TOP_K = flags.DEFINE_integer("top_k", 8, "Channels shown in feature_maps.png.")
+_IOU_THRESHOLD = flags.DEFINE_float("iou_threshold", 0.5, "Map threshold of the IoU with the trigger region.")
+flags.mark_flags_as_required(["workdir"])
+
+
+
+def main(argv):
+  del argv
+  from backdoor_jax import cli
+  cli.quiet_library_logs()
+  from backdoor_jax.explain import report
+  rec = cli.run_or_exit(lambda: report.explain_run(
+      _WORKDIR.value, reference=_REFERENCE.value, layer=_LAYER.value, feature_layer=_FEATURE_LAYER.value,
+      num_images=_NUM_IMAGES.value, max_test=_MAX_TEST.value, batch_size=_BATCH_SIZE.value, top_k=_TOP_K.value,
+      iou_threshold=_IOU_THRESHOLD.value))
+  for role, m in rec["models"].items():
+    c, t = m["clean"], m["triggered"]
+    print(f"{role} ({m['layer']}): energy in trigger clean={c['energy_in_trigger']:.4f} "
+          f"triggered={t['energy_in_trigger']:.4f}; pointing clean={c['pointing_game']:.4f} "
+          f"triggered={t['pointing_game']:.4f}; acc clean={c['accuracy']:.4f} ASR={t['attack_success_rate']:.4f}")
+  print(f"-> {rec['out_dir']}")
+
+
+if __name__ == "__main__":
+  app.run(main)
