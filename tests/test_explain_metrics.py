@@ -180,3 +180,24 @@ def test_grid_figure_writes_png(tmp_path):
     overlay.grid_figure(str(path), ["a"], ["x", "y"], [[img]])
   with pytest.raises(ValueError, match="captions"):
     overlay.grid_figure(str(path), ["a"], ["x"], [[img]], captions=[["1", "2"]])
+
+
+def test_grid_figure_shows_every_cell_whole(tmp_path):
+  """Each cell's right edge stays visible: neighbouring axes must not cover it.
+
+  Regression: with long row labels, tight_layout let each image axes overlap its right
+  neighbour, so a bottom-right trigger vanished from the 'image' column.
+  """
+  img = np.zeros((32, 32, 3), np.uint8)
+  img[:, -4:] = (255, 255, 0)  # a yellow stripe on the right edge of every cell
+  rows = [f"triggered #{i} (gradcam)" for i in range(6)]
+  path = tmp_path / "grid.png"
+  overlay.grid_figure(str(path), rows, ["image", "before (reference)", "after (attacked)"],
+                      [[img] * 3 for _ in rows], title="t")
+  png = matplotlib.image.imread(str(path))[..., :3]
+  yellow = (png[..., 0] > 0.9) & (png[..., 1] > 0.9) & (png[..., 2] < 0.1)
+  line = yellow[np.argmax(yellow.sum(axis=1))]  # a row of pixels through the first stripes
+  edges = np.flatnonzero(np.diff(line.astype(int)))
+  widths = edges[1::2] - edges[0::2]
+  assert len(widths) == 3, widths
+  assert widths.min() >= 0.75 * widths.max(), widths

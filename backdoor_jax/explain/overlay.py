@@ -112,7 +112,10 @@ def grid_figure(path: str, rows: Sequence[str], cols: Sequence[str], cells: Sequ
       raise ValueError(f"{what} must be {n_rows} rows of {n_cols} entries")
   row_h = cell_inches + (0.22 if captions is not None else 0.0)
   fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell_inches * n_cols + 1.2, row_h * n_rows + 0.5),
-                           squeeze=False)
+                           squeeze=False, layout="constrained")
+  # Constrained layout reserves room for the row labels; tight_layout let each image
+  # axes overlap its right neighbour, hiding that image's right edge (a corner trigger).
+  fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
   for i in range(n_rows):
     for j in range(n_cols):
       ax = axes[i, j]
@@ -128,7 +131,6 @@ def grid_figure(path: str, rows: Sequence[str], cols: Sequence[str], cells: Sequ
     axes[i, 0].set_ylabel(rows[i], fontsize=8, rotation=0, ha="right", va="center", labelpad=4)
   for j in range(n_cols):
     axes[0, j].set_title(cols[j], fontsize=8)
-  fig.tight_layout(pad=0.4, h_pad=0.3, w_pad=0.3)
   if title:  # above the axes (and their column labels); bbox_inches='tight' keeps it in the PNG
     fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
   buf = io.BytesIO()
