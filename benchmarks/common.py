@@ -110,6 +110,44 @@ def first_line(text: str, limit: int = 160) -> str:
   return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def worker_main(spec: str, job_cls: Any, run_jax: Callable[[Any], dict[str, Any]],
+                run_torch: Callable[[Any], dict[str, Any]]) -> None:
+  """Subprocess entry of every benchmark: runs one job and prints its tagged JSON result.
+
+  A failure becomes ``{'error': ...}``, which the driver shows as ``n/a (...)``.
+  """
+  job = job_cls(**json.loads(spec))
+  try:
+    result = run_jax(job) if job.framework == "jax" else run_torch(job)
+  except Exception as e:  # pylint: disable=broad-except  # reported as n/a in the table
+    result = {"error": f"{type(e).__name__}: {first_line(str(e))}"}
+  emit_result(result)
+
+
+def per_model(values: Sequence[str], models: Sequence[str], defaults: dict[str, int], name: str) -> list[int]:
+  """One positive int per model from a flag list (empty: per-stem defaults; one value: for all).
+
+  Raises:
+    app.UsageError: the list has the wrong length or a value below 1.
+  """
+  from absl import app
+  if not values:
+    return [defaults["resnet50" if model_stem(m) == "imagenet" else "resnet18"] for m in models]
+  if len(values) == 1:
+    values = list(values) * len(models)
+  if len(values) != len(models):
+    raise app.UsageError(f"--{name} needs one value or one per model ({len(models)}); got {list(values)}")
+  out = [int(v) for v in values]
+  if min(out) < 1:
+    raise app.UsageError(f"--{name} values must be >= 1; got {list(values)}")
+  return out
+
+
+def num_classes(model: str) -> int:
+  """10 classes for CIFAR-stem ResNets, 1000 for ImageNet-stem ones."""
+  return 10 if model_stem(model) == "cifar" else 1000
+
+
 def run_worker(script: str, job: Any, timeout: int = 0) -> dict[str, Any]:
   """Runs ``script --worker=<job as JSON>`` in a fresh interpreter and returns its result.
 

@@ -102,10 +102,6 @@ class Job:
   workdir: str
 
 
-def _num_classes(model: str) -> int:
-  return 10 if common.model_stem(model) == "cifar" else 1000
-
-
 def _trigger_and_mask(size: int) -> tuple[Any, Any]:
   """The trigger (yellow bottom-right square, side size/8) and the (H, W) target mask."""
   import numpy as np
@@ -139,7 +135,7 @@ def run_jax(job: Job) -> dict[str, Any]:
   from backdoor_jax.train import explain_steps, optim, state as state_lib, steps as steps_lib
 
   stem = common.model_stem(job.model)
-  model, variables = common.init_flax_resnet(job.model, _num_classes(job.model), stem, job.size, job.seed)
+  model, variables = common.init_flax_resnet(job.model, common.num_classes(job.model), stem, job.size, job.seed)
   np.savez(_weights_path(job), **common.flatten_variables(variables))
   cfg = config_dict.ConfigDict({"optimizer": "adam", "lr": job.lr, "schedule": "constant", "epochs": 1,
                                 "warmup_epochs": 0, "weight_decay": 0.0, "trainable": ".*"})
@@ -153,7 +149,7 @@ def run_jax(job: Job) -> dict[str, Any]:
       bn_mode="frozen")  # BatchNorm in inference mode, never updated (PyTorch runs eval())
   step_fn = explain_steps.make_explain_train_step(steps_lib.InputSpec(*common.dataset_stats(stem)), spec,
                                                   jax.random.key(job.seed + 1))
-  images, labels = common.synthetic_uint8(job.batch, job.size, _num_classes(job.model), job.seed)
+  images, labels = common.synthetic_uint8(job.batch, job.size, common.num_classes(job.model), job.seed)
   trigger, mask = _trigger_and_mask(job.size)
   images, labels, mask = jax.device_put(images), jax.device_put(labels), jax.device_put(mask)
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -196,13 +192,13 @@ def run_torch(job: Job) -> dict[str, Any]:
   flat = dict(np.load(_weights_path(job)))
 
   def make_net() -> Any:
-    net = common.build_torch_resnet(int(job.model[len("resnet"):]), _num_classes(job.model), stem)
+    net = common.build_torch_resnet(int(job.model[len("resnet"):]), common.num_classes(job.model), stem)
     common.load_flax_weights(net, flat)
     return net.to(device).eval()  # BatchNorm in inference mode in every term, as in the JAX step
 
   net, ref = make_net(), make_net().requires_grad_(False)
   opt = torch.optim.Adam(net.parameters(), lr=job.lr)
-  images, labels = common.synthetic_uint8(job.batch, job.size, _num_classes(job.model), job.seed)
+  images, labels = common.synthetic_uint8(job.batch, job.size, common.num_classes(job.model), job.seed)
   trigger, mask = _trigger_and_mask(job.size)
   images = torch.from_numpy(images).to(device)
   y = torch.from_numpy(labels).long().to(device)
@@ -249,30 +245,6 @@ def run_torch(job: Job) -> dict[str, Any]:
   return {**timing, "check": check, "memory": memory, "device": description}
 
 
-def worker_main(spec: str) -> None:
-  """Subprocess entry: runs one job and prints its tagged JSON result."""
-  import json
-  job = Job(**json.loads(spec))
-  try:
-    result = run_jax(job) if job.framework == "jax" else run_torch(job)
-  except Exception as e:  # pylint: disable=broad-except  # reported as n/a in the table
-    result = {"error": f"{type(e).__name__}: {common.first_line(str(e))}"}
-  common.emit_result(result)
-
-
-def _per_model(values: list[str], models: list[str], defaults: dict[str, int], name: str) -> list[int]:
-  if not values:
-    return [defaults["resnet50" if common.model_stem(m) == "imagenet" else "resnet18"] for m in models]
-  if len(values) == 1:
-    values = values * len(models)
-  if len(values) != len(models):
-    raise app.UsageError(f"--{name} needs one value or one per model ({len(models)}); got {values}")
-  out = [int(v) for v in values]
-  if min(out) < 1:
-    raise app.UsageError(f"--{name} values must be >= 1; got {values}")
-  return out
-
-
 def format_rows(job: Job, jax_res: dict[str, Any], torch_res: dict[str, Any]) -> list[str]:
   """Two table rows (JAX, PyTorch) for one model and layer."""
   label = f"{job.model} ({job.size}x{job.size}, batch {job.batch})"
@@ -313,7 +285,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKER.value:
-    worker_main(_WORKER.value)
+    common.worker_main(_WORKER.value, Job, run_jax, run_torch)
     return
   if _STEPS.value < 1 or _WARMUP.value < 1:
     raise app.UsageError("--steps and --warmup must be >= 1")
@@ -324,10 +296,10 @@ def main(argv: list[str]) -> None:
   bad = [l for l in _LAYERS.value if l not in common.CAM_LAYERS]
   if bad or not _LAYERS.value:
     raise app.UsageError(f"--layers: {bad or 'empty'}; choose from {', '.join(common.CAM_LAYERS)}")
-  batches = _per_model(_BATCH.value, models, _DEFAULT_BATCH, "batch")
+  batches = common.per_model(_BATCH.value, models, _DEFAULT_BATCH, "batch")
   if min(batches) < 2:
     raise app.UsageError("--batch must be >= 2 (half triggered, half clean)")
-  sizes = _per_model(_SIZE.value, models, _DEFAULT_SIZE, "size")
+  sizes = common.per_model(_SIZE.value, models, _DEFAULT_SIZE, "size")
 
   load_start = common.load_average()
   start = time.perf_counter()

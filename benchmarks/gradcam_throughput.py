@@ -95,14 +95,10 @@ class Job:
   workdir: str
 
 
-def _num_classes(model: str) -> int:
-  return 10 if common.model_stem(model) == "cifar" else 1000
-
-
 def _inputs(job: Job) -> tuple[Any, Any]:
   """Normalised float32 NHWC images and int32 targets shared by both workers."""
   stem = common.model_stem(job.model)
-  images, targets = common.synthetic_uint8(job.batch, job.size, _num_classes(job.model), job.seed)
+  images, targets = common.synthetic_uint8(job.batch, job.size, common.num_classes(job.model), job.seed)
   return common.normalize_np(images, *common.dataset_stats(stem)), targets
 
 
@@ -113,7 +109,7 @@ def run_jax(job: Job) -> dict[str, Any]:
 
   from backdoor_jax.explain.gradcam import gradcam
 
-  model, variables = common.init_flax_resnet(job.model, _num_classes(job.model),
+  model, variables = common.init_flax_resnet(job.model, common.num_classes(job.model),
                                              common.model_stem(job.model), job.size, job.seed)
   x_np, t_np = _inputs(job)
 
@@ -146,7 +142,7 @@ def run_torch(job: Job) -> dict[str, Any]:
   cuda = device.type == "cuda"
   torch.backends.cudnn.benchmark = True
   saved = dict(np.load(os.path.join(job.workdir, f"{job.model}.npz")))
-  net = common.build_torch_resnet(int(job.model[len("resnet"):]), _num_classes(job.model),
+  net = common.build_torch_resnet(int(job.model[len("resnet"):]), common.num_classes(job.model),
                                   common.model_stem(job.model))
   common.load_flax_weights(net, {k: v for k, v in saved.items() if not k.startswith("maps/")})
   net = net.to(device).eval().requires_grad_(False)
@@ -175,31 +171,6 @@ def run_torch(job: Job) -> dict[str, Any]:
   for method, layers in (("layer4", ("layer4",)), ("all", common.CAM_LAYERS)):
     rows[method] = common.time_steps(lambda: call(layers), job.warmup, job.steps)
   return {"rows": rows, "check": check, "device": description, "memory": common.torch_memory()}
-
-
-def worker_main(spec: str) -> None:
-  """Subprocess entry: runs one job and prints its tagged JSON result."""
-  import json
-  job = Job(**json.loads(spec))
-  try:
-    result = run_jax(job) if job.framework == "jax" else run_torch(job)
-  except Exception as e:  # pylint: disable=broad-except  # reported as n/a in the table
-    result = {"error": f"{type(e).__name__}: {common.first_line(str(e))}"}
-  common.emit_result(result)
-
-
-def _per_model(values: list[str], models: list[str], defaults: dict[str, int], name: str) -> list[int]:
-  if not values:
-    return [defaults.get(m, defaults["resnet50" if common.model_stem(m) == "imagenet" else "resnet18"])
-            for m in models]
-  if len(values) == 1:
-    values = values * len(models)
-  if len(values) != len(models):
-    raise app.UsageError(f"--{name} needs one value or one per model ({len(models)}); got {values}")
-  out = [int(v) for v in values]
-  if min(out) < 1:
-    raise app.UsageError(f"--{name} values must be >= 1; got {values}")
-  return out
 
 
 _METHOD_LABELS = {"layer4": "Grad-CAM layer4", "all": "Grad-CAM all 5 layers, one pass"}
@@ -242,7 +213,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKER.value:
-    worker_main(_WORKER.value)
+    common.worker_main(_WORKER.value, Job, run_jax, run_torch)
     return
   if _STEPS.value < 1 or _WARMUP.value < 1 or _CHECK_BATCH.value < 1:
     raise app.UsageError("--steps, --warmup and --check_batch must be >= 1")
@@ -250,8 +221,8 @@ def main(argv: list[str]) -> None:
   for m in models:
     if not m.startswith("resnet") or m[len("resnet"):] not in ("18", "34", "50", "101", "152"):
       raise app.UsageError(f"--models: {m!r} is not one of resnet18/34/50/101/152")
-  batches = _per_model(_BATCH.value, models, _DEFAULT_BATCH, "batch")
-  sizes = _per_model(_SIZE.value, models, _DEFAULT_SIZE, "size")
+  batches = common.per_model(_BATCH.value, models, _DEFAULT_BATCH, "batch")
+  sizes = common.per_model(_SIZE.value, models, _DEFAULT_SIZE, "size")
 
   load_start = common.load_average()
   start = time.perf_counter()

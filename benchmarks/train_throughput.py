@@ -42,20 +42,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "resnet18",
                              "Zoo model for the JAX rows (backdoor_jax.models.MODEL_NAMES); the "
@@ -83,7 +82,6 @@ IMAGE_SHAPE = (32, 32, 3)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
-_RESULT_TAG = "@@train_throughput@@ "
 
 
 @dataclasses.dataclass
@@ -123,12 +121,6 @@ def synthetic_batch(batch: int, seed: int) -> tuple[Any, Any]:
   images = rng.integers(0, 256, (batch,) + IMAGE_SHAPE, dtype=np.uint8)
   labels = rng.integers(0, NUM_CLASSES, (batch,), dtype=np.int32)
   return images, labels
-
-
-def max_rss_bytes() -> int:
-  """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return rss if sys.platform == "darwin" else rss * 1024
 
 
 def time_steps(step: Callable[[], None], warmup: int, steps: int, repeats: int) -> dict[str, Any]:
@@ -202,7 +194,7 @@ def run_jax(job: Job) -> dict[str, Any]:
   if all(p is not None for p in peaks):
     result["memory"] = {"bytes": max(peaks), "kind": "device peak_bytes_in_use (max over devices)"}
   else:
-    result["memory"] = {"bytes": max_rss_bytes(), "kind": "process max RSS"}
+    result["memory"] = {"bytes": common.max_rss_bytes(), "kind": "process max RSS"}
   kind = devices[0].device_kind
   result["device"] = f"{len(devices)} x {devices[0].platform} ({kind})"
   return result
@@ -295,62 +287,12 @@ def run_torch(job: Job) -> dict[str, Any]:
                         "kind": "torch.cuda.max_memory_allocated"}
     result["device"] = f"cuda ({torch.cuda.get_device_name(0)})"
   else:
-    result["memory"] = {"bytes": max_rss_bytes(), "kind": "process max RSS"}
+    result["memory"] = {"bytes": common.max_rss_bytes(), "kind": "process max RSS"}
     result["device"] = f"cpu ({torch.get_num_threads()} threads)"
   return result
 
 
 # ------------------------------------------------------------------------- driver
-
-
-def worker_main(spec: str) -> None:
-  """Subprocess entry: measures one job and prints its result as one tagged JSON line."""
-  job = Job(**json.loads(spec))
-  try:
-    result = run_jax(job) if job.framework == "jax" else run_torch(job)
-  except Exception as e:  # pylint: disable=broad-except  # reported as n/a in the table
-    result = {"error": f"{type(e).__name__}: {_first_line(str(e))}"}
-  print(_RESULT_TAG + json.dumps(result), flush=True)
-
-
-def _first_line(text: str, limit: int = 160) -> str:
-  line = next((s.strip() for s in text.splitlines() if s.strip()), "")
-  return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def run_job(job: Job, timeout: int) -> dict[str, Any]:
-  """Runs ``job`` in a fresh Python process and returns its result (or ``{'error': ...}``)."""
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker=" + json.dumps(dataclasses.asdict(job))]
-  env = dict(os.environ)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout or None)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout} s (--row_timeout)"}
-  for line in reversed(proc.stdout.splitlines()):
-    if line.startswith(_RESULT_TAG):
-      return json.loads(line[len(_RESULT_TAG):])
-  tail = [s for s in proc.stderr.splitlines() if s.strip()]
-  return {"error": f"worker exited with code {proc.returncode}: {tail[-1].strip() if tail else ''}"[:200]}
-
-
-def _version(dist: str) -> str:
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return "not installed"
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def format_table(jobs: list[Job], results: list[dict[str, Any]], baseline: float | None) -> list[str]:
@@ -379,7 +321,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKER.value:
-    worker_main(_WORKER.value)
+    common.worker_main(_WORKER.value, Job, run_jax, run_torch)
     return
   if not _SYNTHETIC.value:
     raise app.UsageError("only --synthetic data is supported")
@@ -389,14 +331,14 @@ def main(argv: list[str]) -> None:
     if value < low:
       raise app.UsageError(f"--{name}={value} must be >= {low}")
 
-  common = dict(model=_MODEL.value, batch=_BATCH.value, warmup=_WARMUP.value,
+  shared = dict(model=_MODEL.value, batch=_BATCH.value, warmup=_WARMUP.value,
                 repeats=_REPEATS.value, augment=_AUGMENT.value, seed=_SEED.value)
-  jobs = [Job("JAX (this project, jit)", "jax", "float32", False, steps=_STEPS.value, **common)]
+  jobs = [Job("JAX (this project, jit)", "jax", "float32", False, steps=_STEPS.value, **shared)]
   if _BF16.value:
     jobs.append(Job("JAX (this project, jit)", "jax", "bfloat16", False,
-                    steps=_BF16_STEPS.value or _STEPS.value, **common))
-  torch_jobs = [Job("PyTorch eager", "torch", "float32", False, steps=_STEPS.value, **common),
-                Job("PyTorch torch.compile", "torch", "float32", True, steps=_STEPS.value, **common)]
+                    steps=_BF16_STEPS.value or _STEPS.value, **shared))
+  torch_jobs = [Job("PyTorch eager", "torch", "float32", False, steps=_STEPS.value, **shared),
+                Job("PyTorch torch.compile", "torch", "float32", True, steps=_STEPS.value, **shared)]
   eager_index = len(jobs)
   jobs += torch_jobs
   have_torch = importlib.util.find_spec("torch") is not None
@@ -412,7 +354,7 @@ def main(argv: list[str]) -> None:
       res = {"error": "skipped by --notorch_compile"}
     else:
       print(f"measuring {job.label} {job.dtype} ...", file=sys.stderr, flush=True)
-      res = run_job(job, _ROW_TIMEOUT.value)
+      res = common.run_worker(__file__, job, _ROW_TIMEOUT.value)
     results.append(res)
   elapsed = time.perf_counter() - start
 
@@ -427,10 +369,10 @@ def main(argv: list[str]) -> None:
       "",
       f"- date: {now:%Y-%m-%d %H:%M} UTC",
       f"- device: JAX: {devices.get('jax', 'n/a')}; PyTorch: {devices.get('torch', 'n/a')}; "
-      f"host: {_cpu_name()}, {os.cpu_count()} logical CPUs",
-      f"- versions: python {platform.python_version()}, jax {_version('jax')}, "
-      f"jaxlib {_version('jaxlib')}, flax {_version('flax')}, optax {_version('optax')}, "
-      f"torch {_version('torch')}",
+      f"host: {common.cpu_name()}, {os.cpu_count()} logical CPUs",
+      f"- versions: python {platform.python_version()}, jax {common.version('jax')}, "
+      f"jaxlib {common.version('jaxlib')}, flax {common.version('flax')}, optax {common.version('optax')}, "
+      f"torch {common.version('torch')}",
       f"- batch: {_BATCH.value}; warm-up: {_WARMUP.value} steps (excluded); timed: "
       f"repeats x steps per row (column 'timed steps'); data: synthetic uint8"
       f"{'; JAX augments (crop 4, flip)' if _AUGMENT.value else ''}",
