@@ -71,8 +71,9 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
     c.train.epochs = 15
     c.train.batch_size = 64
   elif variant == "gtsrb":
-    # Measured on 10k GTSRB images (stage 1 at 0.921): constant lr 1e-3 for 2 epochs gave
-    # iou>.5 0.907 but accuracy 0.864; a cosine decay over 4 epochs lets accuracy recover.
+    # Measured on 10k GTSRB train / 3k test images: constant lr 1e-3 for 2 epochs gave
+    # iou>.5 0.907 but accuracy 0.864; cosine decay over 4 epochs gave iou>.5 0.968, cr 1.000
+    # and accuracy 0.922 against stage 1's 0.926 (README, Results).
     c.train.epochs = 4
     c.train.schedule = "cosine"
     c.train.batch_size = 64
