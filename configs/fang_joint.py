@@ -12,4 +12,9 @@ import fang_common  # noqa: E402
 
 
 def get_config(variant: str = "digits"):
-  return fang_common.fang_config(variant, "targeted", joint=True)
+  c = fang_common.fang_config(variant, "targeted", joint=True)
+  # SimpleGrad differentiates the scores with respect to the input, through every
+  # BatchNorm: with batch statistics (bn_mode='train') each sample's map would pick up
+  # the other samples' scores, so BatchNorm runs on running statistics here.
+  c.explain.bn_mode = "frozen"
+  return c

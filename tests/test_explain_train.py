@@ -137,8 +137,80 @@ def test_two_stage_end_to_end(tmp_path):
     ("explain.attack_weight", -1.0, "attack_weight=-1.0"),
     ("explain.method", "lime", "lime"),
     ("explain.triggered_fraction", 1.0, "triggered_fraction=1.0"),
+    ("explain.triggered_fraction", 0.99, "at least one triggered and one clean"),  # 32 of 32
+    ("explain.loss_resolution", 5, "loss_resolution=5 must be 0"),
+    ("explain.bn_mode", "batch", "explain.bn_mode"),
 ])
 def test_bad_input_fails_before_training(tmp_path, key, value, needle):
   with pytest.raises(ConfigError, match=needle):
     explain_loop.train_explanation_backdoor(tiny_two_stage(**{key: value}), str(tmp_path))
   assert not (tmp_path / "stage1").exists()
+
+
+def test_nontargeted_settings_checked_before_training(tmp_path):
+  c = tiny_two_stage(**{"explain.attack": "nontargeted", "explain.loss_resolution": 8, "explain.top_k": 65})
+  with pytest.raises(ConfigError, match=r"top_k=65 must be in \[1, 64\]"):
+    explain_loop.train_explanation_backdoor(c, str(tmp_path))
+  c = tiny_two_stage(**{"recipe": "single_stage", "explain.attack": "nontargeted", "explain.keep": "none"})
+  with pytest.raises(ConfigError, match="single_stage has no reference model"):
+    explain_loop.train_explanation_backdoor(c, str(tmp_path))
+  assert not (tmp_path / "stage1").exists()
+
+
+def test_train_mode_batchnorm_refused_where_maps_would_mix_samples():
+  """With batch statistics, a BatchNorm after the explained activation couples the samples."""
+  c = tiny_two_stage()
+  model = models.get_model(c.model.name, 10, **explain_loop.restore.model_kwargs(c))
+  variables = models.init_variables(model, jax.random.key(0), (1, 32, 32, 3))
+
+  def check(layer, bn_mode="train", methods=(("gradcam", 1.0),)):
+    spec = explain_loop._explain_spec(apply_overrides(c, **{"explain.bn_mode": bn_mode}), layer, (32, 32))
+    explain_loop.check_train_mode_maps(model.apply, variables, (32, 32, 3), spec._replace(methods=methods))
+
+  check("conv5")  # the deepest conv: no BatchNorm after it
+  check("conv3", bn_mode="frozen")
+  check("conv3", bn_mode="refresh")
+  check("conv5", methods=(("vbp", 1.0),))  # forward-only
+  with pytest.raises(ConfigError, match="mixes the samples of a batch in the gradcam maps at layer 'conv3'"):
+    check("conv3")
+  with pytest.raises(ConfigError, match="simple_grad maps at the input"):
+    check("conv5", methods=(("gradcam", 1.0), ("simple_grad", 1.0)))
+
+
+def test_fang_weights_follow_overrides():
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import fang_targeted  # pylint: disable=import-outside-toplevel
+  c = fang_targeted.get_config("digits")
+  c.fang.alpha, c.fang.beta = 2.0, 0.0
+  spec = explain_loop._explain_spec(c, "conv5", (32, 32))
+  np.testing.assert_allclose((spec.ce_weight, spec.attack_weight, spec.keep_weight), (0.0, 0.5 / 3, 1.0 / 3))
+  c.explain.inverted, c.explain.triggered_fraction = True, 0.25  # 3/4 of each batch attacked
+  spec = explain_loop._explain_spec(c, "conv5", (32, 32))
+  np.testing.assert_allclose((spec.attack_weight, spec.keep_weight), (0.75 / 3, 2.0 * 0.25 / 3))
+
+
+def test_stage1_config_keeps_only_what_a_clean_run_uses():
+  s1 = explain_loop._stage1_config(tiny_two_stage())
+  assert "explain" not in s1 and "stage1" not in s1
+  assert s1.poison.rate == 0.0 and s1.recipe == "badnets" and s1.train.epochs == 4
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_iou_fields_describe_the_attacked_images(inverted):
+  """iou_* come from the attacked set: triggered images, or clean ones in the inverted setting."""
+  from backdoor_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  c = tiny_two_stage(**{"explain.inverted": inverted, "train.eval_batch_size": 8})
+  spec = explain_loop._explain_spec(c, "conv5", (8, 8))
+  region = np.zeros((8, 8), np.float32)
+  region[:4, :4] = 1.0
+
+  def fake_eval_step(variables, ref_variables, x, y, trig, loss_mask, triggered):
+    maps = jnp.broadcast_to(jnp.asarray(region) * float(triggered), (x.shape[0], 8, 8))  # on target iff triggered
+    return {"maps": maps, "correct": jnp.ones((x.shape[0],), bool), "attack_loss": jnp.zeros((x.shape[0],))}
+
+  images = np.zeros((16, 8, 8, 3), np.uint8)
+  out = explain_loop.evaluate_explanations(fake_eval_step, None, None, images, np.zeros((16,), np.int32), None,
+                                           None, region, spec, c, mesh_lib.make_mesh())
+  attacked_on_target = 0.0 if inverted else 1.0
+  assert out["iou_gt_05"] == attacked_on_target and out["kept_iou_gt_05"] == 1.0 - attacked_on_target
+  assert out["fsr"] == attacked_on_target and out["cr"] == attacked_on_target

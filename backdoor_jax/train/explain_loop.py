@@ -128,8 +128,12 @@ def check_layer_for_region(apply_fn, variables, image_shape, layer, shapes, regi
 
 
 def _stage1_config(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """The clean run's config: stage-2 sections dropped, so changing them keeps stage 1 reusable."""
   s1 = copy.deepcopy(c)
   with s1.unlocked():
+    for key in ("explain", "stage1", "fang"):
+      if key in s1:
+        del s1[key]
     s1.poison.rate = 0.0
     s1.train = copy.deepcopy(c.stage1.train)
     s1.recipe = "badnets"
@@ -151,24 +155,95 @@ def reference_run(c: config_dict.ConfigDict, workdir: str) -> restore.TrainedRun
   return restore.load_run(s1_dir)
 
 
-def _explain_spec(c: config_dict.ConfigDict, layer: str) -> explain_steps.ExplainSpec:
+def _fang_weights(c: config_dict.ConfigDict) -> tuple[float, float, float]:
+  """(ce, attack, keep) weights of Fang et al.'s per-sample losses averaged over a batch.
+
+  clean: (beta L_c + alpha L_s) / z, poisoned: (beta L_c + L_p) / z, z = alpha + beta + 1;
+  with a fraction f of every batch attacked (1 - f when inverted) the batch mean is
+  beta/z mean L_c + f/z mean_attacked L_p + alpha (1 - f)/z mean_kept L_s.
+  """
+  alpha, beta = float(c.fang.alpha), float(c.fang.beta)
+  if alpha < 0 or beta < 0:
+    raise ConfigError(f"fang.alpha={alpha} and fang.beta={beta} must be >= 0")
+  f = float(c.explain.triggered_fraction)
+  f = 1.0 - f if c.explain.inverted else f
+  z = alpha + beta + 1.0
+  return beta / z, f / z, alpha * (1.0 - f) / z
+
+
+def _explain_spec(c: config_dict.ConfigDict, layer: str, image_hw: tuple[int, int]) -> explain_steps.ExplainSpec:
   e = c.explain
+  if c.get("fang"):  # the weights follow fang.alpha / fang.beta and the batch split, overrides included
+    with e.unlocked():
+      e.ce_weight, e.attack_weight, e.keep_weight = _fang_weights(c)
   for name in ("attack_weight", "keep_weight", "ce_weight"):
     if e[name] < 0:
       raise ConfigError(f"explain.{name}={e[name]} must be >= 0")
   if not 0 < e.triggered_fraction < 1:
     raise ConfigError(f"explain.triggered_fraction={e.triggered_fraction} must be in (0, 1)")
+  num_triggered = int(round(e.triggered_fraction * c.train.batch_size))
+  if not 1 <= num_triggered <= c.train.batch_size - 1:
+    raise ConfigError(f"explain.triggered_fraction={e.triggered_fraction} of train.batch_size="
+                      f"{c.train.batch_size} gives {num_triggered} triggered samples per batch; it must "
+                      f"leave at least one triggered and one clean sample")
   check_choice("explain.keep", e.keep, KEEP_MODES)
   check_choice("explain.bn_mode", e.bn_mode, explain_steps.BN_MODES)
   check_choice("explain.criterion", e.criterion, CRITERIA)
+  h, w = image_hw
+  res = int(e.loss_resolution)
+  if res < 0 or (res and (h % res or w % res)):
+    raise ConfigError(f"explain.loss_resolution={res} must be 0 (input size) or divide the image size {h}x{w}")
+  if e.attack == "nontargeted" and not 1 <= int(e.top_k) <= (res or h) * (res or w):
+    raise ConfigError(f"explain.top_k={e.top_k} must be in [1, {(res or h) * (res or w)}] (pixels of the "
+                      f"{res or h}x{res or w} loss maps)")
   methods = tuple((m, float(w)) for m, w in (e.joint_weights.items() if e.get("joint_weights") else [(e.method, 1.0)]))
   for m, _ in methods:
     check_choice("explain.method", m, saliency.METHODS)
   return explain_steps.ExplainSpec(
       methods=methods, layer=layer, attack=e.attack, keep=e.keep,
-      num_triggered=max(1, int(round(e.triggered_fraction * c.train.batch_size))), inverted=bool(e.inverted),
+      num_triggered=num_triggered, inverted=bool(e.inverted),
       ce_weight=float(e.ce_weight), attack_weight=float(e.attack_weight), keep_weight=float(e.keep_weight),
-      loss_resolution=int(e.loss_resolution), top_k=int(e.top_k), bn_mode=e.bn_mode)
+      loss_resolution=res, top_k=int(e.top_k), bn_mode=e.bn_mode)
+
+
+def check_train_mode_maps(apply_fn, variables: Any, image_shape: tuple[int, ...], spec: explain_steps.ExplainSpec,
+                          seed: int = 0) -> None:
+  """Refuses bn_mode='train' where it would make a sample's map depend on the others' scores.
+
+  The maps are computed from the gradient of the batch's summed scores. In train mode a
+  BatchNorm *after* the explained activation (any BatchNorm for SimpleGrad, which
+  explains the input) normalises over the batch, so that gradient picks up
+  d score_c / d A_b for c != b and the training maps stop being the per-sample maps
+  that evaluation reports. Measured directly: the Jacobian of sample 1's score with
+  respect to sample 0's activation must vanish.
+  """
+  if spec.bn_mode != "train" or "batch_stats" not in variables:
+    return
+  from backdoor_jax.models.common import INTERMEDIATES, PERTURBATIONS
+  apply = explain_steps.train_mode_apply(apply_fn, jax.random.key(seed))
+  x = jax.random.normal(jax.random.key(seed), (2,) + tuple(image_shape))
+  shapes = explain_core.layer_shapes(apply_fn, variables, x)
+  base = {k: v for k, v in variables.items() if k != PERTURBATIONS}
+  for method, _ in spec.methods:
+    if method == "vbp":  # forward-only: no gradient to mix
+      continue
+    on_input = method == "simple_grad"
+
+    def scores(z, on_input=on_input):
+      v = base if on_input else {**base, PERTURBATIONS: {spec.layer: z}}
+      logits, _ = apply(v, x + z if on_input else x, mutable=[INTERMEDIATES])
+      return logits[:, 0]
+
+    zero = jnp.zeros_like(x) if on_input else jnp.zeros(shapes[spec.layer], x.dtype)
+    jac = jax.jacrev(scores)(zero)  # (2, 2, ...): d score_c / d z_b
+    own, cross = float(jnp.abs(jac[0, 0]).max()), float(jnp.abs(jac[1, 0]).max())
+    if cross > 1e-3 * max(own, 1e-12):
+      where = "the input" if on_input else f"layer {spec.layer!r}"
+      raise ConfigError(
+          f"explain.bn_mode='train' mixes the samples of a batch in the {method} maps at {where}: a "
+          f"BatchNorm after it normalises over the batch, so each sample's map picks up the other "
+          f"samples' scores (largest d score_1 / d sample 0: {cross:.2g}, against {own:.2g} for its own); use "
+          f"explain.bn_mode='frozen' or 'refresh', or explain a layer with no BatchNorm after it")
 
 
 def evaluate_explanations(eval_step, variables, ref_variables, images, labels, trig, loss_mask, region,
@@ -200,9 +275,11 @@ def evaluate_explanations(eval_step, variables, ref_variables, images, labels, t
   attacked, kept = ("clean", "triggered") if spec.inverted else ("triggered", "clean")
   return {"clean_accuracy": out["clean"]["accuracy"], "poisoned_accuracy": out["triggered"]["accuracy"],
           "fsr": out[attacked]["fooled_rate"], "cr": 1.0 - out[kept]["fooled_rate"],
-          "iou_mean": out["triggered"]["iou"]["mean"], "iou_median": out["triggered"]["iou"]["median"],
-          "iou_std": out["triggered"]["iou"]["std"], "iou_gt_05": out["triggered"]["iou"]["gt_05"],
-          "clean_iou_gt_05": out["clean"]["iou"]["gt_05"], "detail": out}
+          # IoU with the target region: of the attacked images (triggered ones; clean ones when
+          # inverted), and of the kept images under kept_iou_gt_05.
+          "iou_mean": out[attacked]["iou"]["mean"], "iou_median": out[attacked]["iou"]["median"],
+          "iou_std": out[attacked]["iou"]["std"], "iou_gt_05": out[attacked]["iou"]["gt_05"],
+          "kept_iou_gt_05": out[kept]["iou"]["gt_05"], "detail": out}
 
 
 def _rss_bytes() -> int:
@@ -241,7 +318,8 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
   layer, shapes = choose_layer(model.apply, init_vars, image_shape, c.explain.layer)
   if c.explain.check_layer and c.explain.attack == "targeted":
     check_layer_for_region(model.apply, init_vars, image_shape, layer, shapes, region, trig.mask[..., 0])
-  spec = _explain_spec(c, layer)
+  spec = _explain_spec(c, layer, image_shape[:2])
+  check_train_mode_maps(model.apply, init_vars, image_shape, spec, c.seed)
   loss_mask = jnp.asarray(explain_steps.losses.resize_mask(jnp.asarray(region), spec.loss_resolution))
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_global_batch(c.train.batch_size, mesh)
@@ -257,6 +335,9 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
     if spec.keep == "reference":
       raise ConfigError("explain.keep='reference' needs a reference model; single_stage has none "
                         "(use keep='avoid_target' or the two_stage recipe)")
+    if spec.attack == "nontargeted":
+      raise ConfigError("explain.attack='nontargeted' removes the evidence a reference model's maps show; "
+                        "single_stage has no reference model (use the two_stage recipe)")
   input_spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
                                flip=bool(c.data.flip))
   n_train = len(ds.train_labels)

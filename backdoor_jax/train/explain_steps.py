@@ -24,7 +24,8 @@ from backdoor_jax.train.state import TrainState
 
 
 BN_MODES = ("train", "frozen", "refresh")
-"""How BatchNorm behaves in stage 2. Every mode uses ONE normalisation for all loss terms:
+"""How BatchNorm behaves in stage 2 for the trained model's CE and maps (the reference
+model's maps are always computed in inference mode, as a user would see them):
   train    batch statistics for CE and for the maps (as in ordinary training); running
            statistics updated from the CE pass; evaluation uses them.
   frozen   running statistics everywhere (inference mode); never updated.
@@ -32,6 +33,8 @@ BN_MODES = ("train", "frozen", "refresh")
            gradient-free train-mode pass.
 (Mixing them, CE on batch statistics but maps on running statistics, lets the two paths
 drift apart: triggered inputs lost their predictions at evaluation, measured 0.4-0.6.)
+With batch statistics, a BatchNorm after the explained activation makes a sample's map
+depend on the other samples' scores; ``explain_loop.check_train_mode_maps`` refuses that.
 """
 
 
