@@ -12,4 +12,9 @@ import fang_common  # noqa: E402
 
 
 def get_config(variant: str = "digits"):
-  return fang_common.fang_config(variant, "targeted")
+  c = fang_common.fang_config(variant, "targeted")
+  if variant == "gtsrb":
+    # Measured on 10k GTSRB train / 3k test from the two-stage stage-1 model: 4 epochs
+    # ended at FSR 0.899, 6 epochs at FSR 0.904 (CR 0.999, accuracy 0.926 -> 0.933).
+    c.train.epochs = 6
+  return c
