@@ -124,6 +124,10 @@ def test_two_stage_end_to_end(tmp_path):
   assert res["iou_mean"] > res["reference"]["iou_mean"] + 0.05, (res["iou_mean"], res["reference"]["iou_mean"])
   # ... while clean maps and predictions stay (measured here: cr 0.91, accuracy 0.69 -> 0.69)
   assert res["cr"] >= 0.8 and abs(res["accuracy_change"]) < 0.1, res
+  # the same work dir with another stage-2 setting is refused at once, naming the key (stage 1,
+  # whose config has no stage-2 keys, is reused rather than retrained or refused)
+  with pytest.raises(ConfigError, match=r"differs in: explain\.keep_weight"):
+    explain_loop.train_explanation_backdoor(tiny_two_stage(**{"explain.keep_weight": 5.0}), str(tmp_path))
   # stage 1 can be reused by path; a different architecture is refused before training
   c = tiny_two_stage(**{"stage1.workdir": str(tmp_path / "stage1"), "model.widths": (8, 16, 16, 16, 32)})
   with pytest.raises(ConfigError, match="stage-1 checkpoint"):

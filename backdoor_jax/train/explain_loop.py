@@ -150,8 +150,13 @@ def reference_run(c: config_dict.ConfigDict, workdir: str) -> restore.TrainedRun
                         f"{restore.model_kwargs(c)}")
     return run
   s1_dir = os.path.join(workdir, "stage1")
+  s1_config = _stage1_config(c)
+  if os.path.exists(os.path.join(s1_dir, "results.json")):  # finished earlier: reuse, if it is this config
+    loop._check_workdir(s1_dir, s1_config, True)
+    logging.info("stage 1: reusing the finished clean run in %s", s1_dir)
+    return restore.load_run(s1_dir)
   logging.info("stage 1: training the clean reference model in %s", s1_dir)
-  loop.train_and_evaluate(_stage1_config(c), s1_dir)
+  loop.train_and_evaluate(s1_config, s1_dir)
   return restore.load_run(s1_dir)
 
 
@@ -325,6 +330,9 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
   mesh_lib.check_global_batch(c.train.batch_size, mesh)
   mesh_lib.check_global_batch(c.train.eval_batch_size, mesh, "train.eval_batch_size")
 
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep)
+  latest = ckpt.latest()
+  loop._check_workdir(workdir, c, latest is not None)  # before stage 1 trains, not after
   if c.recipe == "two_stage":
     ref = reference_run(c, workdir)
     ref_vars, start_vars = ref.variables, ref.variables
@@ -349,10 +357,7 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
   trig_d = mesh_lib.replicate(mesh, trig)
   loss_mask = mesh_lib.replicate(mesh, loss_mask)
 
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep)
   start_epoch, history, train_seconds, history_ref = 0, [], 0.0, None
-  latest = ckpt.latest()
-  loop._check_workdir(workdir, c, latest is not None)
   if latest is not None:
     tree, meta = ckpt.restore(latest, state_lib.checkpoint_tree(state))
     state = state_lib.from_checkpoint_tree(state, tree)
