@@ -88,6 +88,14 @@ def _check_images(images: Any, labels: np.ndarray, trigger: Trigger) -> np.ndarr
   return images
 
 
+def _check_dataset_args(images: Any, labels: Any, trigger: Any, mode: str, num_classes: int, target: int,
+                        chunk_size: Any) -> tuple[np.ndarray, np.ndarray, int]:
+  """The checks shared by the dataset-level functions; returns (images, labels, chunk_size)."""
+  _check_mode_classes_target(mode, num_classes, target)
+  labels_np = _check_labels(labels, num_classes)
+  return _check_images(images, labels_np, trigger), labels_np, _check_chunk_size(chunk_size)
+
+
 def _check_chunk_size(chunk_size: Any) -> int:
   if not _is_int(chunk_size) or chunk_size < 1:
     raise ConfigError(f"chunk_size {chunk_size!r} is invalid; allowed: an int >= 1")
@@ -231,10 +239,8 @@ def poison_train_set(key: chex.PRNGKey,
   Raises:
     ConfigError: for bad arguments or shapes.
   """
-  _check_mode_classes_target(mode, num_classes, target)
-  labels_np = _check_labels(labels, num_classes)
-  images_np = _check_images(images, labels_np, trigger)
-  chunk_size = _check_chunk_size(chunk_size)
+  images_np, labels_np, chunk_size = _check_dataset_args(images, labels, trigger, mode, num_classes, target,
+                                                         chunk_size)
   idx = choose_poison_indices(key, labels_np, rate=rate, target=target, mode=mode,
                               num_classes=num_classes, count=count)
   out_images = np.array(images_np, copy=True)
@@ -273,10 +279,8 @@ def poison_test_set(images: Any,
   Raises:
     ConfigError: for bad arguments or shapes.
   """
-  _check_mode_classes_target(mode, num_classes, target)
-  labels_np = _check_labels(labels, num_classes)
-  images_np = _check_images(images, labels_np, trigger)
-  chunk_size = _check_chunk_size(chunk_size)
+  images_np, labels_np, chunk_size = _check_dataset_args(images, labels, trigger, mode, num_classes, target,
+                                                         chunk_size)
   source = _eligible(labels_np, mode, target).astype(np.int64)
   out_images = _apply_in_chunks(trigger, images_np[source], chunk_size)
   attack = poison_target_labels(labels_np[source], mode=mode, target=target, num_classes=num_classes)
