@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "pillow>=10",
     "tqdm>=4.66",
+    "safetensors>=0.4",  # torchvision weights without torch (backdoor_jax.models.torchvision_import)
 ]
 
 EXTRAS = {

@@ -41,7 +41,7 @@ def abstract_init(name: str, stem: str, hw: int, batch: int = 2, **kwargs):
 
 
 def test_model_names():
-  expected = {"small_cnn", "preact_resnet18", "alexnet"}
+  expected = {"small_cnn", "preact_resnet18", "alexnet", "googlenet", "densenet121", "densenet161"}
   expected |= {f"resnet{d}" for d in (18, 34, 50, 101, 152)}
   expected |= {f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")}
   assert isinstance(models.MODEL_NAMES, tuple) and set(models.MODEL_NAMES) == expected

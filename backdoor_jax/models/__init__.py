@@ -20,6 +20,8 @@ import flax.linen as nn
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.models.alexnet import AlexNet
 from backdoor_jax.models.common import count_params, expose, init_variables
+from backdoor_jax.models.densenet import DenseNet
+from backdoor_jax.models.googlenet import GoogLeNet
 from backdoor_jax.models.resnet import PreActResNet18, ResNet
 from backdoor_jax.models.small_cnn import SmallCNN
 from backdoor_jax.models.vgg import STEMS, VGG, adaptive_avg_pool
@@ -42,6 +44,11 @@ for _depth in (11, 13, 16, 19):
         ("dropout_rate",))
 _REGISTRY["alexnet"] = (lambda c, s, d, **kw: AlexNet(c, s, dtype=d, **kw), STEMS,
                         ("dropout_rate",))
+_REGISTRY["googlenet"] = (lambda c, s, d, **kw: GoogLeNet(c, s, dtype=d, **kw), STEMS,
+                          ("aux_logits", "transform_input", "dropout_rate"))
+for _depth in (121, 161):
+  _REGISTRY[f"densenet{_depth}"] = (
+      lambda c, s, d, _k=_depth, **kw: DenseNet(_k, c, s, d, **kw), STEMS, ())
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -76,7 +83,8 @@ def get_model(name: str, num_classes: int, *, stem: str = "cifar", dtype: Any = 
       ``small_cnn`` and ``preact_resnet18`` accept only ``'cifar'``.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay float32.
     **kwargs: model options: ``widths``, ``pool_after`` (small_cnn), ``final_norm``
-      (preact_resnet18), ``dropout_rate`` (vgg*, alexnet).
+      (preact_resnet18), ``dropout_rate`` (vgg*, alexnet, googlenet),
+      ``aux_logits``, ``transform_input`` (googlenet).
   Returns:
     An unbound Flax module with a ``layer_names`` attribute.
   Raises:
@@ -100,5 +108,6 @@ def layer_names(name: str, **kwargs: Any) -> tuple[str, ...]:
 
 __all__ = [
     "MODEL_NAMES", "STEMS", "get_model", "layer_names", "expose", "init_variables",
-    "count_params", "adaptive_avg_pool", "AlexNet", "PreActResNet18", "ResNet", "SmallCNN", "VGG",
+    "count_params", "adaptive_avg_pool", "AlexNet", "DenseNet", "GoogLeNet", "PreActResNet18", "ResNet",
+    "SmallCNN", "VGG",
 ]

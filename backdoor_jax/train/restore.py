@@ -36,6 +36,10 @@ def model_kwargs(c: config_dict.ConfigDict) -> dict[str, Any]:
       kw["widths"] = tuple(c.model.widths)
     if c.model.get("pool_after") is not None:
       kw["pool_after"] = tuple(c.model.pool_after)
+  if c.model.name == "googlenet":
+    for key in ("aux_logits", "transform_input"):
+      if c.model.get(key) is not None:
+        kw[key] = bool(c.model[key])
   return kw
 
 
