@@ -7,34 +7,51 @@ pool and *replace* their clean versions (triggered image, attack label):
   samples whose clean label is not ``target``.
 * ``'all_to_all'``: a sample of class ``y`` gets ``(y + 1) % num_classes``; the pool
   is every sample (``target`` is ignored and may be ``None``).
+* ``'clean_label'``: the pool is the samples *of* class ``target``; they get the
+  trigger and keep their (correct) label, so the poison survives label inspection.
+  Optionally a ``perturb`` function (e.g. :func:`make_pgd_perturbation` against
+  :func:`fit_linear_surrogate`) first makes them hard to classify from their content,
+  so the model leans on the trigger (Turner et al., "label-consistent" attacks).
 
 How many: pass either ``rate``, a fraction in ``[0, 1]`` of the training-set size
 ``N`` (``n = round(rate * N)``, halves rounded up; ``rate=1`` means all of ``N``, not
 one sample), or ``count``, an int number of samples. Exactly one of the two.
 
-Test set: every eligible test image (all non-``target`` images for all_to_one, all
-images for all_to_all) with the trigger and its attack label. The attack success rate
-(ASR) is the fraction of these predicted as their attack label.
+WaNet noise mode (``cross_ratio > 0``, warp triggers only): ``round(cross_ratio * n)``
+further samples, drawn from the non-poisoned ones with a key folded from ``key``, get
+a randomly perturbed warp (per-sample keys) and keep their labels. Both index sets and
+the perturbations are fixed for the whole run: they are drawn once, here, not per epoch.
+
+Test set: every eligible test image (all non-``target`` images for all_to_one and
+clean_label, all images for all_to_all) with the trigger and its attack label. The
+attack success rate (ASR) is the fraction of these predicted as their attack label.
 
 Everything here runs on the host before training: inputs may be numpy or jax arrays,
 outputs are numpy arrays, images keep their dtype (uint8 stays uint8), and the trigger
-is applied in fixed-size jitted chunks so large datasets do not exhaust memory.
-Invalid arguments raise :class:`backdoor_jax.errors.ConfigError`.
+is applied in fixed-size jitted chunks so large datasets do not exhaust memory. Any
+trigger kind of :mod:`backdoor_jax.triggers` works. Invalid arguments raise
+:class:`backdoor_jax.errors.ConfigError`.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from backdoor_jax.errors import ConfigError, check_choice
-from backdoor_jax.triggers.patch import Trigger, apply_trigger
+from backdoor_jax.triggers.base import apply_trigger, check_trigger
+from backdoor_jax.triggers.warp import WarpTrigger, apply_noise_warp
 
-POISON_MODES = ("all_to_one", "all_to_all")
+POISON_MODES = ("all_to_one", "all_to_all", "clean_label")
+
+# A clean-label perturbation: (images uint8 (m, H, W, 3), labels (m,)) -> images uint8.
+Perturbation = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -67,21 +84,23 @@ def _check_labels(labels: Any, num_classes: int) -> np.ndarray:
   return labels
 
 
-def _eligible(labels: np.ndarray, mode: str, target: int | None) -> np.ndarray:
-  if mode == "all_to_one":
+def _eligible(labels: np.ndarray, mode: str, target: int | None, split: str = "train") -> np.ndarray:
+  """Indices that may be poisoned (train) or that form the attack test set (test)."""
+  if mode == "all_to_one" or (mode == "clean_label" and split == "test"):
     return np.flatnonzero(labels != target)
+  if mode == "clean_label":
+    return np.flatnonzero(labels == target)
   return np.arange(labels.shape[0])
 
 
-def _check_images(images: Any, labels: np.ndarray, trigger: Trigger) -> np.ndarray:
-  if not isinstance(trigger, Trigger):
-    raise TypeError(f"trigger must be a backdoor_jax.triggers.Trigger; got {type(trigger).__name__}")
-  chex.assert_rank([trigger.pattern, trigger.mask], 3)
+def _check_images(images: Any, labels: np.ndarray, trigger: Any) -> np.ndarray:
+  check_trigger(trigger)
   images = np.asarray(images)
-  hw = tuple(trigger.pattern.shape[:2])
-  if images.ndim != 4 or images.shape[1:] != hw + (3,):
-    raise ConfigError(f"images of shape {images.shape} do not match a trigger for "
-                      f"{hw[0]}x{hw[1]} images; allowed: (N, {hw[0]}, {hw[1]}, 3)")
+  hw = trigger.image_hw
+  if images.ndim != 4 or images.shape[-1] != 3 or (hw is not None and images.shape[1:3] != tuple(hw)):
+    want = f"{hw[0]}, {hw[1]}" if hw is not None else "H, W"
+    raise ConfigError(f"images of shape {images.shape} do not match a {trigger.KIND!r} trigger; "
+                      f"allowed: (N, {want}, 3)")
   if images.shape[0] != labels.shape[0]:
     raise ConfigError(f"got {images.shape[0]} images but {labels.shape[0]} labels; "
                       "they must have the same length")
@@ -102,7 +121,7 @@ def _check_chunk_size(chunk_size: Any) -> int:
   return int(chunk_size)
 
 
-def _apply_in_chunks(trigger: Trigger, images: np.ndarray, chunk_size: int) -> np.ndarray:
+def _apply_in_chunks(trigger: Any, images: np.ndarray, chunk_size: int) -> np.ndarray:
   """Triggers ``images`` (numpy, ``(M, H, W, 3)``) chunk by chunk; returns numpy.
 
   Every chunk is padded to the same length so the jitted function compiles once.
@@ -127,18 +146,18 @@ def poison_target_labels(labels: Any, *, mode: str, target: int | None, num_clas
   Args:
     labels: ``(N,)`` ints in ``[0, num_classes)``.
     mode: one of :data:`POISON_MODES`.
-    target: the target class for ``'all_to_one'``; ignored (may be ``None``) for
-      ``'all_to_all'``.
+    target: the target class for ``'all_to_one'`` / ``'clean_label'``; ignored (may be
+      ``None``) for ``'all_to_all'``.
     num_classes: number of classes ``C`` (>= 2).
   Returns:
-    ``(N,)`` numpy array, same dtype as ``labels``: all ``target`` (all_to_one) or
-    ``(y + 1) % C`` (all_to_all).
+    ``(N,)`` numpy array, same dtype as ``labels``: all ``target`` (all_to_one,
+    clean_label) or ``(y + 1) % C`` (all_to_all).
   Raises:
     ConfigError: for an unknown mode, a bad ``num_classes``/``target`` or bad labels.
   """
   _check_mode_classes_target(mode, num_classes, target)
   labels = _check_labels(labels, num_classes)
-  if mode == "all_to_one":
+  if mode in ("all_to_one", "clean_label"):
     return np.full_like(labels, target)
   return ((labels + 1) % num_classes).astype(labels.dtype)
 
@@ -198,8 +217,9 @@ def choose_poison_indices(key: chex.PRNGKey,
   pool = _eligible(labels, mode, target)
   if n > pool.shape[0]:
     asked = f"rate {rate!r}" if count is None else f"count {count!r}"
-    why = (f"mode 'all_to_one' excludes the {n_total - pool.shape[0]} samples of target class {target}"
-           if mode == "all_to_one" else f"mode {mode!r}")
+    why = {"all_to_one": f"mode 'all_to_one' excludes the {n_total - pool.shape[0]} samples of target class {target}",
+           "clean_label": f"mode 'clean_label' poisons only the samples of target class {target}"}.get(
+               mode, f"mode {mode!r}")
     raise ConfigError(f"poison {asked} asks for {n} of {n_total} training samples but only "
                       f"{pool.shape[0]} are eligible ({why}); allowed: at most {pool.shape[0]}")
   if n == 0:
@@ -208,33 +228,92 @@ def choose_poison_indices(key: chex.PRNGKey,
   return np.sort(pool[perm[:n]]).astype(np.int64)
 
 
+def choose_cross_indices(key: chex.PRNGKey, n_total: int, poisoned: np.ndarray, cross_ratio: Any) -> np.ndarray:
+  """WaNet noise-mode samples: ``round(cross_ratio * len(poisoned))`` non-poisoned indices.
+
+  Args:
+    key: PRNG key (the poisoning key folded with 1 in :func:`poison_train_set`).
+    n_total: training-set size.
+    poisoned: the poisoned indices (excluded from the pool).
+    cross_ratio: number ``>= 0`` of cross samples per poisoned sample (WaNet uses 2).
+  Returns:
+    Sorted, unique ``int64`` indices.
+  Raises:
+    ConfigError: for a bad ratio, or more cross samples than non-poisoned ones.
+  """
+  if (isinstance(cross_ratio, (bool, np.bool_)) or not isinstance(cross_ratio, numbers.Real)
+      or not math.isfinite(float(cross_ratio)) or cross_ratio < 0):
+    raise ConfigError(f"cross_ratio {cross_ratio!r} is invalid; allowed: a number >= 0 (WaNet uses 2)")
+  n = int(math.floor(float(cross_ratio) * len(poisoned) + 0.5))
+  pool = np.setdiff1d(np.arange(n_total), poisoned)
+  if n > pool.shape[0]:
+    raise ConfigError(f"cross_ratio {cross_ratio!r} asks for {n} noise-mode samples but only {pool.shape[0]} "
+                      f"samples are not poisoned; allowed: at most {pool.shape[0] / max(len(poisoned), 1):.3g}")
+  if n == 0:
+    return np.zeros((0,), np.int64)
+  perm = np.asarray(jax.random.permutation(key, pool.shape[0]))
+  return np.sort(pool[perm[:n]]).astype(np.int64)
+
+
+_noise_warp_jit = jax.jit(lambda trigger, images, keys: apply_noise_warp(trigger, images, keys=keys))
+
+
+def _noise_warp_in_chunks(trigger: WarpTrigger, images: np.ndarray, key: chex.PRNGKey, index: np.ndarray,
+                          chunk_size: int) -> np.ndarray:
+  """Noise-mode warps; sample ``index[i]`` uses ``fold_in(key, index[i])`` whatever the chunking."""
+  m = images.shape[0]
+  out = np.empty_like(images)
+  if m == 0:
+    return out
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(index, jnp.uint32))
+  chunk = min(chunk_size, m)
+  for start in range(0, m, chunk):
+    part, kpart = images[start:start + chunk], keys[start:start + chunk]
+    k = part.shape[0]
+    if k < chunk:
+      part = np.concatenate([part, np.zeros((chunk - k,) + part.shape[1:], part.dtype)])
+      kpart = jnp.concatenate([kpart, jnp.repeat(kpart[:1], chunk - k, axis=0)])
+    out[start:start + k] = np.asarray(_noise_warp_jit(trigger, part, kpart))[:k]
+  return out
+
+
 def poison_train_set(key: chex.PRNGKey,
                      images: Any,
                      labels: Any,
-                     trigger: Trigger,
+                     trigger: Any,
                      *,
                      rate: float | None = None,
                      target: int | None,
                      mode: str,
                      num_classes: int,
                      count: int | None = None,
-                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     cross_ratio: float = 0.0,
+                     perturb: Perturbation | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Returns a poisoned copy of a training set (inputs are not modified).
 
   Args:
-    key: JAX PRNG key (see :func:`choose_poison_indices`).
+    key: JAX PRNG key (see :func:`choose_poison_indices`); the cross samples and
+      their warps use keys folded from it, so the poisoned indices do not depend on
+      ``cross_ratio``.
     images: ``(N, H, W, 3)`` pixel-unit images (uint8 or float), numpy or jax.
     labels: ``(N,)`` clean labels.
-    trigger: a :class:`~backdoor_jax.triggers.Trigger` for ``(H, W)`` images.
+    trigger: a trigger of any kind for ``(H, W)`` images.
     rate: fraction in ``[0, 1]`` of ``N`` to poison; give this or ``count``.
-    target: target class (all_to_one); ignored for all_to_all.
+    target: target class (all_to_one, clean_label); ignored for all_to_all.
     mode: one of :data:`POISON_MODES`.
     num_classes: number of classes.
     count: number of samples to poison, instead of ``rate``.
     chunk_size: images triggered per jitted call.
+    cross_ratio: WaNet noise mode (warp triggers only): cross samples per poisoned
+      sample; 0 turns it off.
+    perturb: optional function applied to the chosen samples before the trigger
+      (``(images, labels) -> images`` of the same shape and dtype); meant for
+      clean-label attacks.
   Returns:
     ``(images, labels, is_poisoned)`` as numpy arrays: images with the input dtype,
-    labels with the input dtype, and an ``(N,)`` bool mask. Non-poisoned samples are
+    labels with the input dtype, and an ``(N,)`` bool mask (cross samples are not
+    poisoned: their labels are kept). Samples neither poisoned nor cross are
     bit-identical to the input.
   Raises:
     ConfigError: for bad arguments or shapes.
@@ -243,45 +322,154 @@ def poison_train_set(key: chex.PRNGKey,
                                                          chunk_size)
   idx = choose_poison_indices(key, labels_np, rate=rate, target=target, mode=mode,
                               num_classes=num_classes, count=count)
+  if cross_ratio and not isinstance(trigger, WarpTrigger):
+    raise ConfigError(f"cross_ratio {cross_ratio!r} (WaNet noise mode) needs a 'wanet' trigger; got a "
+                      f"{trigger.KIND!r} trigger (set cross_ratio=0)")
+  cross = choose_cross_indices(jax.random.fold_in(key, 1), labels_np.shape[0], idx, cross_ratio)
   out_images = np.array(images_np, copy=True)
   out_labels = np.array(labels_np, copy=True)
   is_poisoned = np.zeros(labels_np.shape[0], bool)
   if idx.size:
-    out_images[idx] = _apply_in_chunks(trigger, images_np[idx], chunk_size)
+    chosen = images_np[idx]
+    if perturb is not None:
+      chosen = np.asarray(perturb(chosen, labels_np[idx]))
+      if chosen.shape != images_np[idx].shape or chosen.dtype != images_np.dtype:
+        raise ConfigError(f"perturb returned {chosen.dtype} {chosen.shape}; allowed: the input's "
+                          f"{images_np.dtype} {images_np[idx].shape}")
+    out_images[idx] = _apply_in_chunks(trigger, chosen, chunk_size)
     out_labels[idx] = poison_target_labels(labels_np[idx], mode=mode, target=target,
                                            num_classes=num_classes)
     is_poisoned[idx] = True
+  if cross.size:
+    out_images[cross] = _noise_warp_in_chunks(trigger, images_np[cross], jax.random.fold_in(key, 2), cross,
+                                              chunk_size)
   return out_images, out_labels, is_poisoned
 
 
 def poison_test_set(images: Any,
                     labels: Any,
-                    trigger: Trigger,
+                    trigger: Any,
                     *,
                     target: int | None,
                     mode: str,
                     num_classes: int,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    apply: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Builds the triggered test set used to measure the attack success rate.
 
   Args:
     images: ``(N, H, W, 3)`` clean test images, numpy or jax.
     labels: ``(N,)`` clean test labels.
-    trigger: the attack's trigger.
-    target: target class (all_to_one); ignored for all_to_all.
+    trigger: the attack's trigger (any kind).
+    target: target class (all_to_one, clean_label); ignored for all_to_all.
     mode: one of :data:`POISON_MODES`.
     num_classes: number of classes.
     chunk_size: images triggered per jitted call.
+    apply: False leaves the images clean (a training-time-only trigger: how often
+      the attack label is predicted without the trigger).
   Returns:
     ``(images, attack_labels, source_index)`` as numpy arrays: the triggered images
-    (input dtype) of every non-target test sample (all_to_one) or every test sample
-    (all_to_all), their attack labels, and their ``int64`` indices into the input.
+    (input dtype) of every non-target test sample (all_to_one, clean_label) or every
+    test sample (all_to_all), their attack labels, and their ``int64`` indices into
+    the input.
   Raises:
     ConfigError: for bad arguments or shapes.
   """
   images_np, labels_np, chunk_size = _check_dataset_args(images, labels, trigger, mode, num_classes, target,
                                                          chunk_size)
-  source = _eligible(labels_np, mode, target).astype(np.int64)
-  out_images = _apply_in_chunks(trigger, images_np[source], chunk_size)
+  source = _eligible(labels_np, mode, target, split="test").astype(np.int64)
+  out_images = _apply_in_chunks(trigger, images_np[source], chunk_size) if apply else np.array(images_np[source])
   attack = poison_target_labels(labels_np[source], mode=mode, target=target, num_classes=num_classes)
   return out_images, attack, source
+
+
+# ----------------------------------------------------------------------------------
+# Clean-label helpers: a cheap surrogate classifier and PGD against it.
+
+
+def fit_linear_surrogate(images: Any, labels: Any, num_classes: int, key: chex.PRNGKey, *,
+                         steps: int = 300, lr: float = 1e-2) -> Callable[[jax.Array], jax.Array]:
+  """Trains multinomial logistic regression on pixels (full batch, Adam) as a PGD surrogate.
+
+  Cheap (seconds on a CPU for 32x32 datasets) and deterministic from ``key``. A deep
+  surrogate makes stronger clean-label perturbations; any ``logits_fn`` works with
+  :func:`make_pgd_perturbation`.
+
+  Args:
+    images: ``(N, H, W, 3)`` clean training images in ``[0, 255]``.
+    labels: ``(N,)`` labels.
+    num_classes: number of classes.
+    key: PRNG key for the initial weights.
+    steps: optimisation steps.
+    lr: Adam learning rate.
+  Returns:
+    ``logits_fn(images_float (B, H, W, 3) in [0, 255]) -> (B, C)``, jit-able.
+  """
+  x = jnp.asarray(np.asarray(images), jnp.float32).reshape(len(labels), -1) / 255.0
+  y = jnp.asarray(np.asarray(labels))
+  mean, std = x.mean(0), x.std(0) + 1e-3
+  params = {"w": 0.01 * jax.random.normal(key, (x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+  opt = optax.adam(lr)
+
+  def logits(p, flat):
+    return ((flat - mean) / std) @ p["w"] + p["b"]
+
+  @jax.jit
+  def train(p):
+    def body(carry, _):
+      p, s = carry
+      g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y).mean())(p)
+      u, s = opt.update(g, s, p)
+      return (optax.apply_updates(p, u), s), None
+    (p, _), _ = jax.lax.scan(body, (p, opt.init(p)), None, length=steps)
+    return p
+
+  params = train(params)
+  return lambda imgs: logits(params, imgs.reshape(imgs.shape[0], -1) / 255.0)
+
+
+def make_pgd_perturbation(logits_fn: Callable[[jax.Array], jax.Array], *, eps: float, steps: int = 10,
+                          step_size: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Perturbation:
+  """Returns an untargeted L-infinity PGD perturbation for clean-label poisoning.
+
+  Each image moves by at most ``eps`` (pixel units) to *increase* the surrogate's loss
+  on its true label, making its content harder to learn so the trigger carries it.
+
+  Args:
+    logits_fn: ``images_float (B, H, W, 3) in [0, 255] -> (B, C)`` logits.
+    eps: L-infinity budget in pixel units (e.g. 8 or 16 of 255); must be > 0.
+    steps: PGD iterations (>= 1).
+    step_size: per-step size; default ``2.5 * eps / steps``.
+    chunk_size: images per jitted call.
+  Returns:
+    ``perturb(images, labels) -> images`` (same dtype; integer images are rounded).
+  Raises:
+    ConfigError: for a non-positive ``eps`` or ``steps``.
+  """
+  if (isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not math.isfinite(float(eps))
+      or not 0 < eps <= 255):
+    raise ConfigError(f"adversarial eps {eps!r} is invalid; allowed: a number in (0, 255] (pixel units)")
+  if not _is_int(steps) or steps < 1:
+    raise ConfigError(f"adversarial steps {steps!r} is invalid; allowed: an int >= 1")
+  alpha = float(step_size) if step_size is not None else 2.5 * float(eps) / steps
+
+  @jax.jit
+  def attack(x0, y):
+    def loss(x):
+      return optax.softmax_cross_entropy_with_integer_labels(logits_fn(x), y).sum()
+    def body(x, _):
+      x = x + alpha * jnp.sign(jax.grad(loss)(x))
+      return jnp.clip(jnp.clip(x, x0 - eps, x0 + eps), 0.0, 255.0), None
+    x, _ = jax.lax.scan(body, x0, None, length=steps)
+    return x
+
+  def perturb(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    out = np.empty_like(images)
+    for start in range(0, images.shape[0], chunk_size):
+      part = images[start:start + chunk_size]
+      adv = np.asarray(attack(jnp.asarray(part, jnp.float32), jnp.asarray(labels[start:start + chunk_size])))
+      out[start:start + chunk_size] = np.clip(np.round(adv), 0, 255) if np.issubdtype(images.dtype, np.integer) else adv
+    return out
+
+  return perturb

@@ -7,6 +7,7 @@ import pytest
 from backdoor_jax import poison as P
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.triggers import apply_trigger, make_patch_trigger
+from backdoor_jax import triggers as T
 
 N, C, HW = 200, 10, (8, 8)
 TARGET = 3
@@ -116,7 +117,7 @@ def test_selection_is_roughly_uniform(data):
 # ------------------------------------------------------------------------ train set
 
 
-@pytest.mark.parametrize("mode", P.POISON_MODES)
+@pytest.mark.parametrize("mode", ["all_to_one", "all_to_all"])
 def test_train_set(data, mode):
   images, labels, trigger = data
   images_before, labels_before = images.copy(), labels.copy()
@@ -282,3 +283,137 @@ def test_bad_label_rank_and_trigger_type(data):
           mode="all_to_one", num_classes=C)
   with pytest.raises(TypeError, match="Trigger"):
     P.poison_test_set(images, labels, {"pattern": 1}, target=0, mode="all_to_one", num_classes=C)
+
+
+# ------------------------------------------------------------------ poisoning variants
+
+
+def test_clean_label_poisons_only_target_class_and_keeps_labels(data):
+  images, labels, trigger = data
+  kw = dict(count=12, target=TARGET, mode="clean_label", num_classes=C)
+  x, y, is_p = P.poison_train_set(_key(1), images, labels, trigger, **kw)
+  np.testing.assert_array_equal(y, labels)  # label-consistent
+  assert is_p.sum() == 12 and (labels[is_p] == TARGET).all()
+  np.testing.assert_array_equal(x[is_p], np.asarray(apply_trigger(trigger, images[is_p])))
+  np.testing.assert_array_equal(x[~is_p], images[~is_p])
+  # The pool is the 20 target-class samples; the test set is every non-target image.
+  with pytest.raises(ConfigError, match="count 21.*only 20 are eligible.*clean_label"):
+    P.choose_poison_indices(_key(), labels, **dict(kw, count=21))
+  tx, ty, src = P.poison_test_set(images, labels, trigger, target=TARGET, mode="clean_label", num_classes=C)
+  np.testing.assert_array_equal(src, np.flatnonzero(labels != TARGET))
+  assert (ty == TARGET).all()
+
+
+def test_clean_label_perturbation_runs_before_the_trigger(data):
+  images, labels, trigger = data
+  calls = []
+
+  def perturb(x, y):
+    calls.append((x.copy(), y.copy()))
+    return np.full_like(x, 7)
+
+  x, _, is_p = P.poison_train_set(_key(1), images, labels, trigger, count=5, target=TARGET, mode="clean_label",
+                                  num_classes=C, perturb=perturb)
+  assert len(calls) == 1 and (calls[0][1] == TARGET).all()
+  np.testing.assert_array_equal(x[is_p], np.asarray(apply_trigger(trigger, np.full_like(images[is_p], 7))))
+
+
+def test_pgd_perturbation_raises_surrogate_loss_within_budget():
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 3, 90).astype(np.int32)
+  means = np.array([40.0, 128.0, 215.0])
+  x = np.clip(means[y][:, None, None, None] + rng.normal(0, 20, (90, 4, 4, 3)), 0, 255).astype(np.uint8)
+  logits_fn = P.fit_linear_surrogate(x, y, 3, _key(0), steps=100)
+  pgd = P.make_pgd_perturbation(logits_fn, eps=16.0, steps=5)
+  adv = pgd(x, y)
+  assert adv.dtype == np.uint8 and np.abs(adv.astype(int) - x).max() <= 16
+  ce = lambda im: float(jnp.mean(-jax.nn.log_softmax(logits_fn(jnp.asarray(im, jnp.float32)))[np.arange(90), y]))
+  assert ce(adv) > ce(x) + 0.1
+  for bad in (0.0, -1.0, 300.0):
+    _raises(repr(bad), P.make_pgd_perturbation, logits_fn, eps=bad)
+
+
+def test_count_and_rate_give_the_same_samples(data):
+  _, labels, _ = data
+  kw = dict(target=TARGET, mode="all_to_one", num_classes=C)
+  np.testing.assert_array_equal(P.choose_poison_indices(_key(4), labels, rate=0.1, **kw),
+                                P.choose_poison_indices(_key(4), labels, count=20, **kw))
+
+
+def test_wanet_noise_mode_cross_samples_are_fixed_and_keep_labels(data):
+  images, labels, _ = data
+  wanet = T.make_wanet_trigger(HW, _key(9), k=4, s=1.0)
+  kw = dict(count=10, target=TARGET, mode="all_to_one", num_classes=C)
+  x, y, is_p = P.poison_train_set(_key(2), images, labels, wanet, cross_ratio=2, **kw)
+  x2, y2, is_p2 = P.poison_train_set(_key(2), images, labels, wanet, cross_ratio=2, chunk_size=3, **kw)
+  for a, b in ((x, x2), (y, y2), (is_p, is_p2)):  # deterministic, whatever the chunking
+    np.testing.assert_array_equal(a, b)
+  idx = P.choose_poison_indices(_key(2), labels, **kw)
+  np.testing.assert_array_equal(np.flatnonzero(is_p), idx)  # cross_ratio does not move the poisoned set
+  cross = P.choose_cross_indices(jax.random.fold_in(_key(2), 1), N, idx, 2)
+  assert len(cross) == 20 and not np.intersect1d(cross, idx).size
+  np.testing.assert_array_equal(y[cross], labels[cross])  # cross samples keep their labels
+  changed = np.flatnonzero(np.any(x != images, axis=(1, 2, 3)))
+  assert set(changed) <= set(idx) | set(cross) and len(set(changed) & set(cross)) >= 18
+  # Cross images differ from the exact warp (their field has random noise).
+  exact = np.asarray(apply_trigger(wanet, images[cross]))
+  assert np.mean(x[cross] != exact) > 0.2
+  with pytest.raises(ConfigError, match="needs a 'wanet' trigger"):
+    P.poison_train_set(_key(2), images, labels, make_patch_trigger(HW, size=2), cross_ratio=2, **kw)
+  _raises("cross_ratio -1", P.poison_train_set, _key(2), images, labels, wanet, cross_ratio=-1, **kw)
+  _raises("only 190", P.poison_train_set, _key(2), images, labels, wanet, cross_ratio=50, **kw)
+
+
+@pytest.mark.parametrize("kind", ["blend", "filter", "moire", "wanet"])
+def test_every_trigger_kind_poisons(data, kind):
+  images, labels, _ = data
+  trig = T.trigger_from_config({"kind": kind}, HW, _key(0))
+  x, y, is_p = P.poison_train_set(_key(0), images, labels, trig, count=7, target=TARGET, mode="all_to_one",
+                                  num_classes=C)
+  np.testing.assert_array_equal(x[is_p], np.asarray(apply_trigger(trig, images[is_p])))
+  assert (y[is_p] == TARGET).all()
+  tx, _, src = P.poison_test_set(images, labels, trig, target=TARGET, mode="all_to_one", num_classes=C,
+                                 apply=False)
+  np.testing.assert_array_equal(tx, images[src])  # training-time-only trigger: clean attack test set
+
+
+# ------------------------------------------------------------- build_experiment options
+
+
+def _experiment(**overrides):
+  from backdoor_jax.train import loop
+  from tests import helpers
+  return loop, loop.build_experiment(helpers.tiny_config(**overrides))
+
+
+def test_experiment_wanet_noise_mode_and_weak_mask():
+  loop, exp = _experiment(**{"trigger.kind": "wanet", "poison.count": 20})
+  changed = np.any(exp.train_images != exp.dataset.train_images, axis=(1, 2, 3))
+  cross = changed & ~exp.is_poisoned
+  assert exp.is_poisoned.sum() == 20 and 30 <= cross.sum() <= 40  # 40 cross samples; flat ones may not change
+  np.testing.assert_array_equal(exp.train_labels[~exp.is_poisoned], exp.dataset.train_labels[~exp.is_poisoned])
+  _, again = _experiment(**{"trigger.kind": "wanet", "poison.count": 20})
+  np.testing.assert_array_equal(again.train_images, exp.train_images)  # fixed for the run, from the seed
+  weak = loop.weak_trigger_mask(exp)
+  assert weak.shape == exp.test_source_index.shape and weak.mean() < 0.5
+
+
+def test_experiment_phases():
+  _, train_only = _experiment(**{"poison.phase": "train_only", "trigger.kind": "filter"})
+  np.testing.assert_array_equal(train_only.test_triggered,
+                                train_only.dataset.test_images[train_only.test_source_index])
+  assert train_only.is_poisoned.sum() == 40
+  _, test_only = _experiment(**{"poison.phase": "test_only"})
+  assert not test_only.is_poisoned.any()
+  np.testing.assert_array_equal(test_only.train_images, test_only.dataset.train_images)
+  assert not np.array_equal(test_only.test_triggered, test_only.dataset.test_images[test_only.test_source_index])
+  with pytest.raises(ConfigError, match="'sometimes'"):
+    _experiment(**{"poison.phase": "sometimes"})
+
+
+def test_experiment_trigger_before_resizing():
+  loop, exp = _experiment(**{"poison.apply_at_size": 8, "trigger.size": 2})
+  assert exp.trigger.image_hw == (8, 8) and exp.train_images.shape[1:] == (32, 32, 3)
+  p = exp.train_images[exp.is_poisoned]
+  assert (p[:, -8:, -8:] > 200).all(axis=-1).mean() > 0.5  # the 2 px square became a blurred 8 px corner
+  assert loop.weak_trigger_mask(exp).shape == exp.test_source_index.shape

@@ -315,14 +315,15 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
                     image_size=c.data.image_size or None, seed=c.seed,
                     max_train=c.data.max_train or None, max_test=c.data.max_test or None)
   image_shape = ds.train_images.shape[1:]
-  trig = triggers.trigger_from_config(c.trigger, image_shape[:2])
+  trig = triggers.trigger_from_config(c.trigger, image_shape[:2], jax.random.fold_in(jax.random.key(c.seed), 3))
   region = target_region(c.explain, image_shape[:2])
   model = models.get_model(c.model.name, ds.num_classes, **restore.model_kwargs(c))
   keys = {n: jax.random.fold_in(jax.random.key(c.seed), i) for i, n in enumerate(("init", "step", "s2"))}
   init_vars = models.init_variables(model, keys["init"], (1,) + image_shape)
   layer, shapes = choose_layer(model.apply, init_vars, image_shape, c.explain.layer)
   if c.explain.check_layer and c.explain.attack == "targeted":
-    check_layer_for_region(model.apply, init_vars, image_shape, layer, shapes, region, trig.mask[..., 0])
+    check_layer_for_region(model.apply, init_vars, image_shape, layer, shapes, region,
+                           triggers.trigger_region(trig))  # ConfigError for region-less kinds
   spec = _explain_spec(c, layer, image_shape[:2])
   check_train_mode_maps(model.apply, init_vars, image_shape, spec, c.seed)
   loss_mask = jnp.asarray(explain_steps.losses.resize_mask(jnp.asarray(region), spec.loss_resolution))

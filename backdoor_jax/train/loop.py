@@ -19,11 +19,12 @@ from ml_collections import config_dict
 from tqdm import tqdm
 
 from backdoor_jax import evaluate, figures, io, models, poison, triggers
+from backdoor_jax.data import images as image_lib
 from backdoor_jax.data import load_dataset, pipeline
-from backdoor_jax.errors import ConfigError
+from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.train import checkpoint as ckpt_lib
 from backdoor_jax.train import mesh as mesh_lib
-from backdoor_jax.train import optim, state as state_lib, steps
+from backdoor_jax.train import init_weights, optim, state as state_lib, steps
 from backdoor_jax.train.restore import model_kwargs
 
 
@@ -48,24 +49,84 @@ def _keys(seed: int) -> dict[str, jax.Array]:
   return {name: jax.random.fold_in(root, i) for i, name in enumerate(("poison", "init", "step"))}
 
 
+def data_seed(config: config_dict.ConfigDict) -> int:
+  """Seed of the dataset's split / subset: ``data.split_seed`` when set (>= 0), else ``seed``.
+
+  Sweeps fix ``data.split_seed`` so that repeats with different seeds share one dataset
+  (and can be trained together, see ``train.ensemble``).
+  """
+  split_seed = config.data.get("split_seed", -1)
+  return int(config.seed) if split_seed is None or split_seed < 0 else int(split_seed)
+
+
+POISON_PHASES = ("both", "train_only", "test_only")
+
+
+def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
+  return image_lib.convert_images(images, size) if len(images) else np.zeros((0, size, size, 3), np.uint8)
+
+
 def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   """Loads data, validates every user value and poisons the data. No training.
+
+  Poisoning options (``config.poison``): ``rate`` or ``count`` (count, when set, wins),
+  ``mode`` (all_to_one / all_to_all / clean_label), ``phase`` (``both``;
+  ``train_only``: the attack test set keeps clean images, measuring how often the
+  attack label fires without the trigger; ``test_only``: nothing poisoned in training,
+  the clean model's response to the trigger), ``apply_at_size`` (>0: the data is loaded
+  at that size, poisoned there, then every image is resized to ``data.image_size``;
+  ``exp.trigger`` is then the trigger at that size), ``adv_eps``/``adv_steps``
+  (PGD against a linear surrogate before the trigger, for clean-label poisoning).
+  The WaNet noise mode (``trigger.wanet_cross_ratio``) is drawn once, here.
 
   Raises:
     ConfigError: with a one-line message for any invalid setting.
   """
   c = config
   models.get_model(c.model.name, 10, **model_kwargs(c))  # unknown name/stem fails before data loading
+  p = c.poison
+  phase = p.get("phase", "both")
+  check_choice("poison.phase", phase, POISON_PHASES)
+  apply_at = p.get("apply_at_size", 0) or 0
+  if not isinstance(apply_at, int) or isinstance(apply_at, bool) or apply_at < 0:
+    raise ConfigError(f"poison.apply_at_size={apply_at!r} is invalid; allowed: 0 (apply after resizing) or an "
+                      "image side in pixels >= 1")
+  if apply_at and not c.data.image_size:
+    raise ConfigError(f"poison.apply_at_size={apply_at} needs data.image_size to resize to; got "
+                      f"{c.data.image_size!r}")
   ds = load_dataset(c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None,
-                    image_size=c.data.image_size or None, seed=c.seed,
+                    image_size=apply_at or c.data.image_size or None, seed=data_seed(c),
                     max_train=c.data.max_train or None, max_test=c.data.max_test or None)
-  trig = triggers.trigger_from_config(c.trigger, ds.train_images.shape[1:3])
   keys = _keys(c.seed)
-  x, y, is_p = poison.poison_train_set(keys["poison"], ds.train_images, ds.train_labels, trig,
-                                       rate=c.poison.rate, target=c.poison.target, mode=c.poison.mode,
-                                       num_classes=ds.num_classes)
-  tx, ty, src = poison.poison_test_set(ds.test_images, ds.test_labels, trig, target=c.poison.target,
-                                       mode=c.poison.mode, num_classes=ds.num_classes)
+  trigger_key = jax.random.fold_in(jax.random.key(c.seed), 3)  # after _keys' poison/init/step
+  trig = triggers.trigger_from_config(c.trigger, ds.train_images.shape[1:3], trigger_key)
+  count = p.get("count", None)
+  amount = {"rate": None, "count": count} if count is not None else {"rate": p.rate}
+  cross_ratio = triggers.cross_ratio_from_config(c.trigger) if phase != "test_only" else 0.0
+  perturb = None
+  adv_eps = p.get("adv_eps", 0.0) or 0.0
+  if adv_eps and phase != "test_only":
+    surrogate = poison.fit_linear_surrogate(ds.train_images, ds.train_labels, ds.num_classes,
+                                            jax.random.fold_in(keys["poison"], 3))
+    perturb = poison.make_pgd_perturbation(surrogate, eps=adv_eps, steps=p.get("adv_steps", 10))
+  if phase == "test_only":
+    poison.choose_poison_indices(keys["poison"], ds.train_labels, target=p.target, mode=p.mode,
+                                 num_classes=ds.num_classes, **amount)  # validates the settings only
+    x, y, is_p = ds.train_images.copy(), ds.train_labels.copy(), np.zeros(len(ds.train_labels), bool)
+  else:
+    x, y, is_p = poison.poison_train_set(keys["poison"], ds.train_images, ds.train_labels, trig,
+                                         target=p.target, mode=p.mode, num_classes=ds.num_classes,
+                                         cross_ratio=cross_ratio, perturb=perturb, **amount)
+  tx, ty, src = poison.poison_test_set(ds.test_images, ds.test_labels, trig, target=p.target,
+                                       mode=p.mode, num_classes=ds.num_classes, apply=phase != "train_only")
+  if cross_ratio:
+    logging.info("WaNet noise mode: %d cross samples keep their labels (fixed for the run)",
+                 int(np.sum(np.any(x != ds.train_images, axis=(1, 2, 3)) & ~is_p)))
+  if apply_at and apply_at != c.data.image_size:
+    size = int(c.data.image_size)
+    x, tx = _resize_all(x, size), _resize_all(tx, size)
+    ds = dataclasses.replace(ds, train_images=_resize_all(ds.train_images, size),
+                             test_images=_resize_all(ds.test_images, size))
   model = models.get_model(c.model.name, ds.num_classes, **model_kwargs(c))
   spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
                          flip=bool(c.data.flip))
@@ -111,6 +172,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   exp = build_experiment(c)
+  exp.input_spec = init_weights.input_normalisation(c, exp.input_spec)
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_global_batch(c.train.batch_size, mesh)
   mesh_lib.check_global_batch(c.train.eval_batch_size, mesh, "train.eval_batch_size")
@@ -122,6 +184,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   keys = _keys(c.seed)
   image_shape = (1,) + exp.train_images.shape[1:]
   init_vars = models.init_variables(exp.model, keys["init"], image_shape)
+  init_vars = init_weights.initial_variables(c, init_vars)  # model.init_checkpoint, or a loud warning
   tx, schedule = optim.make_optimizer(c.train, steps_per_epoch, init_vars["params"])
   state = state_lib.create_train_state(exp.model, tx, keys["init"], image_shape, variables=init_vars)
   state = mesh_lib.replicate(mesh, state)
@@ -139,7 +202,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
     io.write_json_atomic(os.path.join(workdir, "config.json"), _config_json(c))
 
   n_params = models.count_params(state.params)
-  n_train_params = optim.count_trainable(state.params, c.train.trainable)
+  n_train_params = init_weights.log_trainable(state.params, c.train.trainable)
   logging.info("%s on %s: %d train (%d poisoned), %d test, %d classes; %s params (%s trainable); "
                "devices: %d x %s", c.model.name, c.data.name, n_train, int(exp.is_poisoned.sum()),
                len(exp.dataset.test_labels), exp.dataset.num_classes, f"{n_params:,}", f"{n_train_params:,}",
@@ -216,18 +279,32 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   return results
 
 
-def weak_trigger_mask(exp: Experiment, min_change: float = 32.0) -> np.ndarray:
+def weak_trigger_mask(exp: Experiment, min_change: float = 32.0, min_change_global: float = 2.0) -> np.ndarray:
   """Triggered test images the trigger barely changed (bool per attack test image).
 
   A patch whose colour the image already has at that spot (a white square on a bright
-  corner) is invisible; no model can react to it. An image counts as weakly triggered
-  when the mean absolute change over the trigger's pixels is below ``min_change``
-  (of 255). ``attack_success_rate_visible`` is the ASR over the others.
+  corner) is invisible; no model can react to it. For triggers with a region (patches,
+  a masked blend) an image counts as weakly triggered when the mean absolute change
+  over the region's pixels is below ``min_change`` (of 255). Triggers without a region
+  (WaNet, filters, moire, full-image blends) change every pixel a little, so the mean
+  absolute change over the whole image is compared with ``min_change_global`` instead
+  (a warp of a flat image, for example, changes nothing). With ``poison.phase =
+  'train_only'`` no test image is triggered and none counts as weak.
+  ``attack_success_rate_visible`` is the ASR over the others.
   """
-  m = np.asarray(exp.trigger.mask[..., 0]) > 0
-  if not m.any() or not len(exp.test_source_index):
-    return np.zeros((len(exp.test_source_index),), bool)
-  before = exp.dataset.test_images[exp.test_source_index][:, m].astype(np.float32)
+  n = len(exp.test_source_index)
+  before_all = exp.dataset.test_images[exp.test_source_index]
+  if not n or exp.config.poison.get("phase", "both") == "train_only":
+    return np.zeros((n,), bool)
+  if not exp.trigger.has_region:
+    diff = np.abs(exp.test_triggered.astype(np.float32) - before_all.astype(np.float32))
+    return diff.mean(axis=(1, 2, 3)) < min_change_global
+  m = triggers.trigger_region(exp.trigger)
+  if m.shape != exp.test_triggered.shape[1:3]:  # trigger applied before resizing (poison.apply_at_size)
+    m = np.asarray(jax.image.resize(m.astype(np.float32), exp.test_triggered.shape[1:3], "linear")) > 0
+  if not m.any():
+    return np.zeros((n,), bool)
+  before = before_all[:, m].astype(np.float32)
   after = exp.test_triggered[:, m].astype(np.float32)
   return np.abs(after - before).mean(axis=(1, 2)) < min_change
 

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import chex
 import jax
@@ -38,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from backdoor_jax.errors import ConfigError, check_choice
+from backdoor_jax.triggers.base import TriggerBase, apply_trigger, cfg_get, load_npy, mix  # noqa: F401
 
-TRIGGER_KINDS = ("square", "stripe", "dots", "custom")
+TRIGGER_KINDS = ("square", "stripe", "dots", "custom")  # the patch kinds (all kinds: triggers.TRIGGER_KINDS)
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -59,13 +59,17 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "custom": {"color": None, "position": "bottom-right"},
 }
 
-# Fields :func:`trigger_from_config` understands.
+# Fields :func:`patch_from_config` reads.
 CONFIG_FIELDS = ("kind", "size", "position", "color", "margin", "pattern_path", "mask_path")
 
 
 @chex.dataclass(frozen=True)
-class Trigger:
+class Trigger(TriggerBase):
   """A patch trigger as two full-image arrays (a pytree; stackable for ``vmap``).
+
+  Applying it computes ``images * (1 - mask) + pattern * mask`` (see
+  :func:`~backdoor_jax.triggers.apply_trigger`); pixels where the mask is 0 come back
+  bit-identical.
 
   Attributes:
     pattern: ``(H, W, 3)`` float32 in ``[0, 255]``: the pixels to paste (zero where
@@ -76,57 +80,44 @@ class Trigger:
   pattern: jax.Array
   mask: jax.Array
 
+  KIND = "patch"
 
-def apply_trigger(trigger: Trigger, images: jax.Array) -> jax.Array:
-  """Stamps ``trigger`` onto ``images``: ``images * (1 - mask) + pattern * mask``.
+  @property
+  def image_hw(self) -> tuple[int, int]:
+    chex.assert_rank([self.pattern, self.mask], 3)
+    return tuple(self.pattern.shape[:2])
 
-  Pure and jit-/vmap-able. Pixels where the mask is 0 come back bit-identical.
+  @property
+  def has_region(self) -> bool:
+    return True
 
-  Args:
-    trigger: a :class:`Trigger` for images of size ``(H, W)``.
-    images: ``(B, H, W, 3)`` or ``(H, W, 3)`` in pixel units ``[0, 255]``; uint8 (or
-      another integer type) or floating point.
-  Returns:
-    Array of the same shape and dtype. Integer inputs are rounded (half to even) and
-    clipped to ``[0, 255]``; float inputs are returned unclipped.
-  Raises:
-    ConfigError: if the image shape does not match the trigger, or the dtype is
-      neither integer nor floating point (raised while tracing, never at run time).
-  """
-  chex.assert_rank([trigger.pattern, trigger.mask], 3)
-  images = jnp.asarray(images)
-  hw = tuple(trigger.pattern.shape[:2])
-  if images.ndim not in (3, 4) or tuple(images.shape[-3:]) != hw + (3,):
-    raise ConfigError(
-        f"images of shape {tuple(images.shape)} do not match a trigger for {hw[0]}x{hw[1]} "
-        f"images; expected (B, {hw[0]}, {hw[1]}, 3) or ({hw[0]}, {hw[1]}, 3)")
-  dtype = images.dtype
-  is_int = jnp.issubdtype(dtype, jnp.integer)
-  if not (is_int or jnp.issubdtype(dtype, jnp.floating)):
-    raise ConfigError(f"image dtype {dtype} is not supported; allowed: uint8 or a float type")
-  x = images.astype(jnp.float32)
-  mask = trigger.mask.astype(jnp.float32)
-  out = x * (1.0 - mask) + trigger.pattern.astype(jnp.float32) * mask
-  if is_int:
-    out = jnp.clip(jnp.round(out), 0.0, 255.0)
-  return out.astype(dtype)
+  def region_mask(self) -> jax.Array:
+    return self.mask
+
+  def _apply_float(self, x: jax.Array) -> jax.Array:
+    return mix(x, self.pattern, self.mask)
 
 
-def stack_triggers(triggers: Sequence[Trigger]) -> Trigger:
-  """Stacks same-size triggers into one batched :class:`Trigger` for ``jax.vmap``.
+def stack_triggers(triggers: Sequence[Any]) -> Any:
+  """Stacks same-kind, same-size triggers into one batched trigger for ``jax.vmap``.
 
   Example: ``jax.vmap(apply_trigger, in_axes=(0, None))(stack_triggers(ts), images)``.
 
   Args:
-    triggers: non-empty sequence of triggers for the same image size.
+    triggers: non-empty sequence of triggers of one kind for the same image size.
   Returns:
-    A Trigger with ``pattern`` ``(T, H, W, 3)`` and ``mask`` ``(T, H, W, 1)``.
+    A trigger of that kind whose arrays have a leading axis ``T`` (for patches:
+    ``pattern`` ``(T, H, W, 3)`` and ``mask`` ``(T, H, W, 1)``).
   """
   if not triggers:
     raise ConfigError("stack_triggers needs at least one trigger; got an empty sequence")
-  shapes = {tuple(t.pattern.shape) for t in triggers}
+  kinds = sorted({type(t).__name__ for t in triggers})
+  if len(kinds) != 1:
+    raise ConfigError(f"cannot stack triggers of different kinds {kinds}; allowed: one kind per stack")
+  shapes = {tuple(tuple(np.shape(x)) for x in jax.tree.leaves(t)) for t in triggers}
   if len(shapes) != 1:
-    raise ConfigError(f"cannot stack triggers of different image sizes {sorted(shapes)}")
+    sizes = sorted({tuple(t.image_hw) if t.image_hw else () for t in triggers})
+    raise ConfigError(f"cannot stack triggers of different image sizes {sizes}")
   return jax.tree.map(lambda *xs: jnp.stack(xs), *triggers)
 
 
@@ -384,67 +375,27 @@ def make_patch_trigger(image_hw: tuple[int, int],
   return Trigger(pattern=jnp.asarray(full_pat), mask=jnp.asarray(full_mask))
 
 
-def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-  if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-    value = cfg.get(name, default)
-  else:
-    value = getattr(cfg, name, default)
-  if value is None or (isinstance(value, str) and not value.strip()):
-    return default  # None or "" (a common "unset" value for string fields) -> default
-  return value
+def patch_from_config(cfg: Any, image_hw: tuple[int, int]) -> Trigger:
+  """Builds a patch trigger from a config's patch fields (other fields are ignored).
 
-
-def _cfg_keys(cfg: Any) -> list[str]:
-  if hasattr(cfg, "keys"):
-    return list(cfg.keys())
-  return [k for k in vars(cfg) if not k.startswith("_")]
-
-
-def _load_npy(path: Any, what: str) -> np.ndarray:
-  path = os.fspath(path)
-  if not path.endswith(".npy"):
-    raise ConfigError(f"trigger {what} {path!r} is not a .npy file; allowed: a path ending in .npy")
-  try:
-    return np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"trigger {what} {path!r} could not be loaded: {e}") from None
-
-
-def trigger_from_config(cfg: Any, image_hw: tuple[int, int]) -> Trigger:
-  """Builds a trigger from a config (``ml_collections.ConfigDict``, dict, or object).
-
-  Fields (all optional except ``kind``; missing or ``None`` -> the
-  :func:`make_patch_trigger` / :data:`KIND_DEFAULTS` default):
-  ``kind``, ``size``, ``position`` (name, ``(row, col)``, or ``"row,col"``), ``color``,
-  ``margin``, and for ``kind='custom'`` ``pattern_path`` (``.npy`` ``(h, w, 3)``) and
-  ``mask_path`` (``.npy`` ``(h, w)``). Any other field is rejected to catch typos.
-
-  Args:
-    cfg: the trigger config.
-    image_hw: ``(H, W)`` of the dataset images.
-  Returns:
-    The :class:`Trigger`.
-  Raises:
-    ConfigError: for unknown fields or any invalid value.
+  Fields (missing or ``None``/``""`` -> the :func:`make_patch_trigger` /
+  :data:`KIND_DEFAULTS` default): ``kind``, ``size``, ``position`` (name,
+  ``(row, col)``, or ``"row,col"``), ``color``, ``margin``, and for ``kind='custom'``
+  ``pattern_path`` (``.npy`` ``(h, w, 3)``) and ``mask_path`` (``.npy`` ``(h, w)``).
+  Use :func:`backdoor_jax.triggers.trigger_from_config`, which also checks field names.
   """
-  unknown = [k for k in _cfg_keys(cfg) if k not in CONFIG_FIELDS]
-  if unknown:
-    raise ConfigError(f"unknown trigger config field(s) {', '.join(map(repr, unknown))}; "
-                      f"allowed: {', '.join(CONFIG_FIELDS)}")
-  kind = _cfg_get(cfg, "kind")
-  if kind is None:
-    raise ConfigError(f"trigger config has no kind; allowed: {', '.join(TRIGGER_KINDS)}")
-  pattern_path = _cfg_get(cfg, "pattern_path")
-  mask_path = _cfg_get(cfg, "mask_path")
-  pattern = _load_npy(pattern_path, "pattern_path") if pattern_path else None
-  mask = _load_npy(mask_path, "mask_path") if mask_path else None
+  kind = cfg_get(cfg, "kind")
+  pattern_path = cfg_get(cfg, "pattern_path")
+  mask_path = cfg_get(cfg, "mask_path")
+  pattern = load_npy(pattern_path, "pattern_path") if pattern_path else None
+  mask = load_npy(mask_path, "mask_path") if mask_path else None
   is_custom = isinstance(kind, str) and kind.strip().lower() == "custom"
   return make_patch_trigger(
       image_hw,
       kind=kind,
-      size=_cfg_get(cfg, "size", 0.1),
-      position=_cfg_get(cfg, "position"),
-      color=None if is_custom else _cfg_get(cfg, "color"),
-      margin=_cfg_get(cfg, "margin", 0),
+      size=cfg_get(cfg, "size", 0.1),
+      position=cfg_get(cfg, "position"),
+      color=None if is_custom else cfg_get(cfg, "color"),
+      margin=cfg_get(cfg, "margin", 0),
       pattern=pattern,
       mask=mask)

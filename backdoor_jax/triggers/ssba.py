@@ -1,0 +1,184 @@
+"""SSBA-style sample-specific invisible triggers (Li et al., ICCV 2021), small and in JAX.
+
+A StegaStamp-like encoder hides a fixed bit string in each image as a bounded residual;
+a decoder learns to read the bits back. Each poisoned image gets its *own* residual
+(a function of the image), so there is no shared patch to find.
+
+* :class:`StegaEncoder`: ``(image in [0, 1], bits)`` -> residual in pixel units,
+  ``max_residual * tanh(.)``; the bits enter as a dense map upsampled to the image.
+* :class:`StegaDecoder`: image -> bit logits.
+* :func:`train_stega`: trains both on clean images with random bit strings,
+  loss = BCE(decoded bits) + ``residual_weight`` * mean squared residual (in [0, 1]
+  units), Adam, deterministic from a key.
+* :class:`SSBATrigger`: the encoder's parameters plus the fixed bit string (a pytree,
+  jit-able like every trigger): ``x' = clip(x + encoder(x, bits), 0, 255)``.
+
+Trained encoders are saved with :func:`save_encoder` (``.npz``) and loaded by
+``trigger_from_config`` (``kind='ssba'``, ``ssba_path``). Train one with
+``python launch/train_ssba.py``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import chex
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from backdoor_jax.errors import ConfigError
+from backdoor_jax.triggers.base import TriggerBase
+
+
+class StegaEncoder(nn.Module):
+  """Image + bits -> residual (pixel units, bounded by ``max_residual``)."""
+  features: int = 32
+  max_residual: float = 8.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bits: jax.Array) -> jax.Array:
+    h, w = x.shape[-3], x.shape[-2]
+    s = nn.Dense(3 * (h // 4) * (w // 4))(bits * 2.0 - 1.0)
+    s = s.reshape(s.shape[:-1] + (h // 4, w // 4, 3))
+    s = jax.image.resize(s, s.shape[:-3] + (h, w, 3), "nearest")
+    y = jnp.concatenate([x - 0.5, s], axis=-1)
+    for _ in range(3):
+      y = nn.relu(nn.Conv(self.features, (3, 3))(y))
+    y = jnp.concatenate([y, x - 0.5], axis=-1)
+    y = nn.Conv(3, (1, 1))(y)
+    return self.max_residual * jnp.tanh(y)
+
+
+class StegaDecoder(nn.Module):
+  """Image -> bit logits."""
+  num_bits: int
+  features: int = 32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x - 0.5
+    for f in (self.features, self.features, 2 * self.features):
+      y = nn.relu(nn.Conv(f, (3, 3), strides=2)(y))
+    return nn.Dense(self.num_bits)(y.reshape(y.shape[:-3] + (-1,)))
+
+
+@chex.dataclass(frozen=True)
+class SSBATrigger(TriggerBase):
+  """Sample-specific invisible trigger (pytree).
+
+  Attributes:
+    params: the :class:`StegaEncoder` parameters.
+    bits: ``(L,)`` float32 0/1, the hidden bit string.
+    max_residual: 0-d float32, the encoder's residual bound (pixel units).
+
+  The image size is fixed by the encoder's dense layer (checked when loading).
+  """
+  params: Any
+  bits: jax.Array
+  max_residual: jax.Array
+
+  KIND = "ssba"
+
+  @property
+  def mask(self) -> jax.Array:
+    """SSBA has no region; raises ConfigError (for code written for patch triggers)."""
+    return self.region_mask()
+
+  def _apply_float(self, x: jax.Array) -> jax.Array:
+    features = self.params["Conv_0"]["kernel"].shape[-1]
+    enc = StegaEncoder(features=features, max_residual=1.0)  # bound applied below (a traced leaf)
+    bits = jnp.broadcast_to(self.bits, x.shape[:-3] + self.bits.shape)
+    residual = enc.apply({"params": self.params}, x / 255.0, bits) * self.max_residual
+    return jnp.clip(x + residual, 0.0, 255.0)
+
+
+def train_stega(images: np.ndarray, key: chex.PRNGKey, *, num_bits: int = 16, steps: int = 1500,
+                batch_size: int = 64, lr: float = 1e-3, max_residual: float = 8.0,
+                residual_weight: float = 2.0, features: int = 32) -> tuple[Any, Any, dict[str, float]]:
+  """Trains encoder and decoder on ``images`` (uint8 ``(N, H, W, 3)``, H and W divisible by 4).
+
+  Returns:
+    ``(encoder_params, decoder_params, info)`` with ``info`` the final bit accuracy on
+    random bit strings and the mean PSNR (dB) of encoded vs clean images (both on up to
+    512 of ``images``).
+  """
+  images = np.asarray(images)
+  n, h, w = images.shape[:3]
+  if h % 4 or w % 4:
+    raise ConfigError(f"SSBA images of {h}x{w} are not supported; allowed: sides divisible by 4")
+  enc = StegaEncoder(features=features, max_residual=max_residual)
+  dec = StegaDecoder(num_bits, features=features)
+  k_enc, k_dec, k_loop = jax.random.split(key, 3)
+  x0 = jnp.zeros((1, h, w, 3))
+  params = {"enc": enc.init(k_enc, x0, jnp.zeros((1, num_bits)))["params"],
+            "dec": dec.init(k_dec, x0)["params"]}
+  opt = optax.adam(lr)
+  data = jnp.asarray(images, jnp.float32) / 255.0
+
+  def loss_fn(p, x, bits):
+    res = enc.apply({"params": p["enc"]}, x, bits) / 255.0
+    y = jnp.clip(x + res, 0.0, 1.0)
+    logits = dec.apply({"params": p["dec"]}, y)
+    bce = optax.sigmoid_binary_cross_entropy(logits, bits).mean()
+    return bce + residual_weight * jnp.mean(res ** 2) * 255.0, (logits, y)
+
+  @jax.jit
+  def run(params):
+    def body(carry, k):
+      p, s = carry
+      k_idx, k_bits = jax.random.split(k)
+      idx = jax.random.randint(k_idx, (batch_size,), 0, n)
+      bits = jax.random.bernoulli(k_bits, 0.5, (batch_size, num_bits)).astype(jnp.float32)
+      g = jax.grad(lambda p: loss_fn(p, data[idx], bits)[0])(p)
+      u, s = opt.update(g, s, p)
+      return (optax.apply_updates(p, u), s), None
+    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(k_loop, steps))
+    return p
+
+  params = run(params)
+  m = min(n, 512)
+  bits = jax.random.bernoulli(jax.random.fold_in(key, 7), 0.5, (m, num_bits)).astype(jnp.float32)
+  _, (logits, y) = jax.jit(loss_fn)(params, data[:m], bits)
+  acc = float(jnp.mean((logits > 0) == (bits > 0.5)))
+  mse = jnp.mean((jnp.round(y * 255.0) - data[:m] * 255.0) ** 2, axis=(1, 2, 3))
+  psnr = float(jnp.mean(10 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1e-6))))
+  return params["enc"], params["dec"], {"bit_accuracy": acc, "psnr": psnr}
+
+
+def save_encoder(path: str, encoder_params: Any, *, bits: np.ndarray, image_hw: tuple[int, int],
+                 max_residual: float, info: dict[str, float] | None = None) -> None:
+  """Writes an encoder (parameters, bit string, image size, bound) to an ``.npz`` file."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(encoder_params), sep="/")
+  extra = {f"info/{k}": np.asarray(v) for k, v in (info or {}).items()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez(path, **{f"params/{k}": np.asarray(v) for k, v in flat.items()}, bits=np.asarray(bits, np.float32),
+           image_hw=np.asarray(image_hw, np.int32), max_residual=np.asarray(max_residual, np.float32), **extra)
+
+
+def load_ssba_trigger(path: Any, image_hw: tuple[int, int]) -> SSBATrigger:
+  """Reads an encoder written by :func:`save_encoder` as a trigger for ``image_hw`` images.
+
+  Raises:
+    ConfigError: for a missing/unreadable file or an encoder trained for another size.
+  """
+  path = os.fspath(path)
+  if not path.endswith(".npz"):
+    raise ConfigError(f"trigger ssba_path {path!r} is not an .npz file; allowed: an encoder written by "
+                      "launch/train_ssba.py")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"trigger ssba_path {path!r} could not be loaded: {e}") from None
+  hw = tuple(int(v) for v in arrays["image_hw"])
+  if hw != tuple(image_hw):
+    raise ConfigError(f"SSBA encoder {path!r} was trained for {hw[0]}x{hw[1]} images; the data is "
+                      f"{image_hw[0]}x{image_hw[1]}; allowed: train one for this size")
+  params = flax.traverse_util.unflatten_dict(
+      {k[len("params/"):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("params/")}, sep="/")
+  return SSBATrigger(params=params, bits=jnp.asarray(arrays["bits"], jnp.float32),
+                     max_residual=jnp.asarray(arrays["max_residual"], jnp.float32))
