@@ -38,14 +38,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
-def make_train_step(spec: InputSpec, base_key: jax.Array) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """Returns ``step(state, images_uint8, labels) -> (state, metrics)``, jitted, state donated.
+def train_step_fn(spec: InputSpec) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """The pure (unjitted) step ``step(state, images_uint8, labels, base_key) -> (state, metrics)``.
 
-  The metrics are device scalars (sums over the global batch): ``loss_sum``,
-  ``correct``, ``count``; the caller accumulates them without a host round trip.
+  :func:`make_train_step` jits it for one model; ``train.ensemble`` vmaps it over a
+  stack of models, each with its own state, batch and ``base_key``.
   """
 
-  def step(state: TrainState, images: jax.Array, labels: jax.Array):
+  def step(state: TrainState, images: jax.Array, labels: jax.Array, base_key: jax.Array):
     chex.assert_rank(images, 4)
     chex.assert_type(labels, int)
     key = jax.random.fold_in(base_key, state.step)
@@ -68,7 +68,17 @@ def make_train_step(spec: InputSpec, base_key: jax.Array) -> Callable[..., tuple
                "count": jnp.asarray(n, jnp.int32)}
     return state, metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+  return step
+
+
+def make_train_step(spec: InputSpec, base_key: jax.Array) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Returns ``step(state, images_uint8, labels) -> (state, metrics)``, jitted, state donated.
+
+  The metrics are device scalars (sums over the global batch): ``loss_sum``,
+  ``correct``, ``count``; the caller accumulates them without a host round trip.
+  """
+  step = train_step_fn(spec)
+  return jax.jit(lambda state, images, labels: step(state, images, labels, base_key), donate_argnums=(0,))
 
 
 def make_eval_step(spec: InputSpec, apply_fn: Callable) -> Callable[..., dict[str, jax.Array]]:

@@ -1,0 +1,352 @@
+"""Many backdoored models trained at once: one jit-compiled, vmapped step over a stack.
+
+A sweep over trigger size x position x colour x rate x seed trains hundreds of models
+that share an architecture, a dataset and a training recipe and differ only in their
+poisoned data and seed. Here K such models ("members") are stacked into one train
+state whose leaves carry a leading member axis, and one step
+
+    jax.vmap(step)(stacked_state, images (K, B, H, W, 3), labels (K, B), step_keys (K,))
+
+updates all of them, each on its own poisoned batch (on a CPU, where XLA's grouped
+convolutions are slow, the default runs one compiled single-model step per member
+instead; see :func:`make_ensemble_step`). Every member draws exactly what a
+single run of its config draws (init from its seed, its own epoch shuffles and
+augmentation keys), so a member ends where ``loop.train_and_evaluate`` of the same config
+would, up to floating-point reassociation (tested).
+
+Memory: the clean training images are held once; each member keeps only its labels and
+the rows its poisoning changed (a few per cent for BadNets), which are patched into the
+gathered batch on the host.
+
+When the member count is a multiple of the device count, members are split over the
+devices (no collectives: members are independent); otherwise the stack lives on the
+first device. Multi-host sweeps are not supported (run one sweep per host).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_dict
+from tqdm import tqdm
+
+from backdoor_jax import io, models
+from backdoor_jax.data import pipeline
+from backdoor_jax.errors import ConfigError, check_choice
+from backdoor_jax.train import checkpoint as ckpt_lib
+from backdoor_jax.train import loop
+from backdoor_jax.train import mesh as mesh_lib
+from backdoor_jax.train import optim, state as state_lib, steps
+
+# Config sections that may differ between the members of one ensemble.
+MEMBER_KEYS = ("trigger", "poison", "seed", "sweep")
+
+
+def shared_signature(config: config_dict.ConfigDict) -> str:
+  """JSON of every config value members must share (all but ``MEMBER_KEYS``)."""
+  d = json.loads(config.to_json_best_effort(sort_keys=True))
+  return json.dumps({k: v for k, v in d.items() if k not in MEMBER_KEYS}, sort_keys=True)
+
+
+@dataclasses.dataclass
+class _Member:
+  """One member's data, stored as a diff against the shared clean training set."""
+  exp: loop.Experiment           # train_images dropped; dataset shared with member 0
+  labels: np.ndarray             # (N,) int32 training labels after poisoning
+  changed: np.ndarray            # (P,) rows whose image differs from the clean set
+  changed_images: np.ndarray     # (P, H, W, 3) their poisoned images
+  num_poisoned: int
+
+
+def _build_member(config: config_dict.ConfigDict, dataset: Any | None) -> _Member:
+  exp = loop.build_experiment(config)
+  if dataset is not None:
+    if (exp.dataset.train_images.shape != dataset.train_images.shape
+        or not np.array_equal(exp.dataset.train_labels, dataset.train_labels)):
+      raise ConfigError("ensemble members loaded different datasets; members may differ only in "
+                        f"{', '.join(MEMBER_KEYS)}")
+    exp = dataclasses.replace(exp, dataset=dataset)
+  clean = exp.dataset.train_images
+  diff = np.any(exp.train_images.reshape(len(clean), -1) != clean.reshape(len(clean), -1), axis=1)
+  diff |= np.asarray(exp.is_poisoned, bool)
+  changed = np.flatnonzero(diff)
+  member = _Member(exp=exp, labels=np.asarray(exp.train_labels, np.int32), changed=changed,
+                   changed_images=np.ascontiguousarray(exp.train_images[changed]),
+                   num_poisoned=int(np.asarray(exp.is_poisoned).sum()))
+  member.exp = dataclasses.replace(exp, train_images=None)
+  return member
+
+
+class _BatchGatherer:
+  """Builds the (K, B, H, W, 3) batch of every member from the shared clean images."""
+
+  def __init__(self, clean: np.ndarray, members: Sequence[_Member]):
+    self.clean = clean
+    self.labels = np.stack([m.labels for m in members])                 # (K, N)
+    self.slot = np.full((len(members), len(clean)), -1, np.int64)        # row -> bank index
+    banks, offset = [], 0
+    for k, m in enumerate(members):
+      self.slot[k, m.changed] = offset + np.arange(len(m.changed))
+      banks.append(m.changed_images)
+      offset += len(m.changed)
+    self.bank = np.concatenate(banks) if offset else np.zeros((0,) + clean.shape[1:], clean.dtype)
+
+  def __call__(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    k = np.arange(idx.shape[0])[:, None]
+    images = self.clean[idx]                                             # (K, B, H, W, 3)
+    slot = self.slot[k, idx]
+    hit = slot >= 0
+    if hit.any():
+      images[hit] = self.bank[slot[hit]]
+    return images, self.labels[k, idx]
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: Any, k: int) -> Any:
+  return jax.tree_util.tree_map(lambda x: x[k], tree)
+
+
+def _member_sharding(num_members: int) -> NamedSharding | None:
+  mesh = mesh_lib.make_mesh(jax.local_devices())
+  if mesh.devices.size > 1 and num_members % mesh.devices.size == 0:
+    return NamedSharding(mesh, P(mesh_lib.DATA_AXIS))
+  return None
+
+
+def _put(tree: Any, sharding: NamedSharding | None) -> Any:
+  return jax.device_put(tree, sharding) if sharding is not None else jax.device_put(tree, jax.local_devices()[0])
+
+
+STRATEGIES = ("auto", "vmap", "sequential")
+
+
+def make_ensemble_step(spec: steps.InputSpec, strategy: str = "auto"):
+  """``step(stacked_state, images (K,B,H,W,3), labels (K,B), keys (K,))`` -> (state, metrics).
+
+  ``'vmap'`` batches the K members into one jitted computation (their convolutions
+  become grouped convolutions): the fast path on GPUs and TPUs. ``'sequential'`` runs
+  one compiled single-member step K times, reading and writing member ``k`` of the
+  donated stack in place; on a CPU, where grouped convolutions are slower than K
+  plain ones (``benchmarks/ensemble_throughput.py``), this is the faster choice.
+  ``'auto'`` picks ``'sequential'`` on CPU and ``'vmap'`` elsewhere. All give the
+  same numbers up to float reassociation.
+  """
+  check_choice("sweep.strategy", strategy, STRATEGIES)
+  if strategy == "auto":
+    strategy = "sequential" if jax.default_backend() == "cpu" else "vmap"
+  one = steps.train_step_fn(spec)
+  if strategy == "vmap":
+    return jax.jit(jax.vmap(one), donate_argnums=(0,))
+
+  def member_step(stacked, k, images, labels, key):
+    state, metrics = one(jax.tree_util.tree_map(lambda a: a[k], stacked), images, labels, key)
+    return jax.tree_util.tree_map(lambda full, new: full.at[k].set(new), stacked, state), metrics
+
+  member_step = jax.jit(member_step, donate_argnums=(0,))
+
+  def step(stacked, images, labels, keys):
+    metrics = []
+    for k in range(images.shape[0]):
+      stacked, m = member_step(stacked, k, images[k], labels[k], keys[k])
+      metrics.append(m)
+    return stacked, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *metrics)
+
+  return step
+
+
+def _evaluate_members(eval_fn, variables: Any, image_sets: Sequence[np.ndarray], label_sets: Sequence[np.ndarray],
+                      batch_size: int, sharding: NamedSharding | None) -> list[dict[str, Any]]:
+  """Accuracy and predictions of each member on its own (images, labels) set."""
+  k_members = len(image_sets)
+  n_max = max(len(l) for l in label_sets)
+  correct = np.zeros(k_members, np.int64)
+  preds = [[] for _ in range(k_members)]
+  for start in range(0, n_max, batch_size):
+    xs, ys, vs = [], [], []
+    for images, labels in zip(image_sets, label_sets):
+      idx = np.arange(start, start + batch_size)
+      valid = idx < len(labels)
+      idx = np.where(valid, idx, 0)
+      if len(labels):
+        xs.append(images[idx]); ys.append(labels[idx])
+      else:
+        xs.append(np.zeros((batch_size,) + image_sets[0].shape[1:], np.uint8)); ys.append(np.zeros(batch_size, np.int32))
+      vs.append(valid & (len(labels) > 0))
+    x, y, v = (_put(np.stack(a), sharding) for a in (xs, ys, vs))
+    out = jax.device_get(eval_fn(variables, x, y, v))
+    correct += np.asarray(out["correct"])
+    for k in range(k_members):
+      preds[k].append(np.asarray(out["predictions"][k])[np.asarray(vs[k])])
+  results = []
+  for k, labels in enumerate(label_sets):
+    n = len(labels)
+    results.append({"accuracy": float(correct[k]) / n if n else float("nan"), "count": n,
+                    "predictions": np.concatenate(preds[k]).astype(np.int32)})
+  return results
+
+
+def train_ensemble(configs: Sequence[config_dict.ConfigDict], workdir: str | None = None,
+                   progress: bool = True, return_variables: bool = False,
+                   member_errors: str = "raise") -> Any:
+  """Trains one model per config together (see :func:`make_ensemble_step`) and evaluates each.
+
+  The strategy comes from ``sweep.strategy`` of the first config when present
+  (default ``'auto'``).
+
+  Args:
+    configs: BadNets configs (``recipe`` 'badnets') that agree on everything but
+      ``trigger``, ``poison``, ``seed`` and ``sweep``.
+    workdir: where the stacked checkpoint (one per epoch) and ``metrics.jsonl`` go; a
+      rerun on the same folder with the same members resumes. None: no checkpoints.
+    progress: show a progress bar.
+    member_errors: 'raise' (default) stops on the first member whose config is invalid;
+      'record' trains the others and returns ``{"error": message}`` for that member
+      (sweeps use it so one bad cell does not stop a group).
+    return_variables: also return the stacked variables (leading member axis; see
+      :func:`member_variables`).
+  Returns:
+    One results record per config, in order: ``clean_accuracy``, ``attack_success_rate``,
+    ``attack_success_rate_visible``, ``weak_trigger_fraction``, ``num_poisoned``,
+    ``train_seconds`` (the ensemble's, shared by all members), ``ensemble_size``;
+    with ``return_variables``, the pair ``(results, stacked_variables)``.
+  Raises:
+    ConfigError: no configs, configs that differ in shared keys, or an invalid config.
+  """
+  if not configs:
+    raise ConfigError("train_ensemble needs at least one config")
+  sigs = [shared_signature(c) for c in configs]
+  if len(set(sigs)) > 1:
+    a, b = json.loads(sigs[0]), json.loads(next(s for s in sigs if s != sigs[0]))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise ConfigError(f"ensemble members differ in {', '.join(diff)}; members may differ only in "
+                      f"{', '.join(MEMBER_KEYS)}")
+  if any(c.get("recipe", "badnets") != "badnets" for c in configs):
+    raise ConfigError("train_ensemble trains BadNets-style recipes only (config.recipe='badnets')")
+  check_choice("member_errors", member_errors, ("raise", "record"))
+  all_configs = list(configs)
+  members: list[_Member] = []
+  errors: dict[int, str] = {}
+  for k, cfg in enumerate(all_configs):
+    try:
+      members.append(_build_member(cfg, members[0].exp.dataset if members else None))
+    except ConfigError as e:
+      if member_errors == "raise":
+        raise
+      errors[k] = f"ConfigError: {e}"
+  if errors:
+    logging.warning("%d of %d ensemble members have invalid configs: %s", len(errors), len(all_configs),
+                    "; ".join(errors.values())[:500])
+  if not members:
+    return [{"error": errors[k]} for k in range(len(all_configs))]
+  configs = [cfg for k, cfg in enumerate(all_configs) if k not in errors]
+  c = configs[0]
+  dataset = members[0].exp.dataset
+  k_members = len(members)
+  n_train = len(dataset.train_labels)
+  if n_train < c.train.batch_size:
+    raise ConfigError(f"train.batch_size={c.train.batch_size} exceeds the {n_train} training samples")
+  steps_per_epoch = pipeline.num_train_steps(n_train, c.train.batch_size)
+  spec = members[0].exp.input_spec
+  model = members[0].exp.model
+  image_shape = (1,) + dataset.train_images.shape[1:]
+
+  keys = [loop._keys(int(cfg.seed)) for cfg in configs]  # the same keys a single run uses
+  init_vars = [models.init_variables(model, kk["init"], image_shape) for kk in keys]
+  tx, _ = optim.make_optimizer(c.train, steps_per_epoch, init_vars[0]["params"])
+  state = _stack([state_lib.create_train_state(model, tx, kk["init"], image_shape, variables=v)
+                  for kk, v in zip(keys, init_vars)])
+  step_keys = jnp.stack([kk["step"] for kk in keys])
+  sharding = _member_sharding(k_members)
+  state, step_keys = _put(state, sharding), _put(step_keys, sharding)
+
+  names = [json.dumps({s: json.loads(cfg.to_json_best_effort(sort_keys=True))[s] for s in MEMBER_KEYS if s in cfg},
+                      sort_keys=True) for cfg in configs]
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=1) if workdir else None
+  start_epoch, history, train_seconds = 0, [], 0.0
+  if ckpt is not None and ckpt.latest() is not None:
+    meta = ckpt.restore_meta(ckpt.latest())
+    if meta.get("members") != names or meta.get("shared") != sigs[0]:
+      raise ConfigError(f"{workdir} holds an ensemble checkpoint of other members; use a new folder")
+    tree, meta = ckpt.restore(ckpt.latest(), state_lib.checkpoint_tree(state))
+    state = state_lib.from_checkpoint_tree(state, tree)
+    start_epoch, history, train_seconds = meta["epoch"], meta["history"], meta["train_seconds"]
+
+  step = make_ensemble_step(spec, c.get("sweep", {}).get("strategy", "auto"))
+  gather = _BatchGatherer(dataset.train_images, members)
+  seeds = [int(cfg.seed) for cfg in configs]
+  logging.info("ensemble of %d x %s on %s: %d train images, %d steps/epoch, %d epochs",
+               k_members, c.model.name, c.data.name, n_train, steps_per_epoch, c.train.epochs)
+  for epoch in range(start_epoch, c.train.epochs):
+    t0 = time.time()
+    sums = None
+    orders = [pipeline.train_batches(n_train, c.train.batch_size, s, epoch) for s in seeds]
+    bar = tqdm(total=steps_per_epoch, desc=f"{k_members} models, epoch {epoch + 1}/{c.train.epochs}",
+               unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    for i in range(steps_per_epoch):
+      idx = np.stack([next(o) for o in orders])
+      images, labels = gather(idx)
+      state, m = step(state, _put(images, sharding), _put(labels, sharding), step_keys)
+      sums = m if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, m)
+      if (i + 1) % c.train.log_every == 0 or i + 1 == steps_per_epoch:
+        s = jax.device_get(sums)
+        elapsed = time.time() - t0
+        bar.set_postfix(loss=f"{float(np.mean(s['loss_sum'] / s['count'])):.4f}",
+                        img_s=f"{float(np.sum(s['count'])) / max(elapsed, 1e-9):.0f}")
+        bar.update((i + 1) - bar.n)
+    bar.close()
+    s = jax.device_get(sums)
+    epoch_seconds = time.time() - t0
+    train_seconds += epoch_seconds
+    record = {"epoch": epoch + 1, "train_loss": (s["loss_sum"] / s["count"]).tolist(),
+              "train_accuracy": (s["correct"] / s["count"]).tolist(),
+              "images_per_second": float(np.sum(s["count"]) / epoch_seconds), "epoch_seconds": epoch_seconds}
+    history.append(record)
+    logging.info("epoch %d/%d  %d models  mean loss %.4f  %.0f img/s  ETA %.0fs", epoch + 1, c.train.epochs,
+                 k_members, float(np.mean(record["train_loss"])), record["images_per_second"],
+                 (c.train.epochs - epoch - 1) * epoch_seconds)
+    if ckpt is not None:
+      ckpt.save(epoch + 1, state_lib.checkpoint_tree(state),
+                {"epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
+                 "members": names, "shared": sigs[0]})
+      io.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
+  if ckpt is not None:
+    ckpt.close()
+
+  eval_fn = jax.jit(jax.vmap(steps.make_eval_step(spec, model.apply), in_axes=(0, 0, 0, 0)))
+  variables = state.variables
+  bs = int(c.train.eval_batch_size)
+  clean = _evaluate_members(eval_fn, variables, [dataset.test_images] * k_members,
+                            [dataset.test_labels] * k_members, bs, sharding)
+  attack = _evaluate_members(eval_fn, variables, [m.exp.test_triggered for m in members],
+                             [m.exp.test_attack_labels for m in members], bs, sharding)
+  results = []
+  for k, m in enumerate(members):
+    weak = loop.weak_trigger_mask(m.exp)
+    hit = attack[k]["predictions"] == m.exp.test_attack_labels
+    results.append({
+        "clean_accuracy": clean[k]["accuracy"], "attack_success_rate": attack[k]["accuracy"],
+        "attack_success_rate_visible": float(hit[~weak].mean()) if (~weak).any() else None,
+        "weak_trigger_fraction": float(weak.mean()) if len(weak) else 0.0,
+        "num_poisoned": m.num_poisoned, "num_train": n_train, "num_test": clean[k]["count"],
+        "num_attack_test": attack[k]["count"], "train_seconds": train_seconds,
+        "ensemble_size": k_members, "epochs": c.train.epochs,
+        "final_train_loss": history[-1]["train_loss"][k] if history else None})
+  it = iter(results)
+  results = [{"error": errors[k]} if k in errors else next(it) for k in range(len(all_configs))]
+  return (results, jax.device_get(variables)) if return_variables else results
+
+
+def member_variables(stacked_variables: Any, k: int) -> Any:
+  """The variables of member ``k`` of a stacked ensemble (for explanation or export)."""
+  return _unstack(stacked_variables, k)

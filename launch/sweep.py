@@ -1,0 +1,44 @@
+r"""Trains every cell of a sweep config and writes results.csv and report/.
+
+  python launch/sweep.py --config=configs/sok_badnets.py:digits --workdir=runs/sok_digits
+  python launch/sweep.py --config=configs/sok_badnets.py:gtsrb_reduced \
+      --config.data.path=../shared/data/gtsrb32.npz --workdir=runs/sok_gtsrb
+  python launch/sweep.py --workdir=runs/sok_gtsrb --report_only
+
+Rerunning the same command on the same --workdir skips the finished cells (and resumes
+the group that was training from its last epoch checkpoint).
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (path[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder (results.csv, report/, groups/).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild report/ from results.csv.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _require_config():
+  from backdoor_jax.errors import ConfigError
+  if _CONFIG.value is None:
+    raise ConfigError("--config is required (a sweep config such as configs/sok_badnets.py) unless --report_only")
+  return _CONFIG.value
+
+
+def main(argv):
+  del argv
+  from backdoor_jax import cli
+  cli.quiet_library_logs()
+  from backdoor_jax import sweep
+  if _REPORT_ONLY.value:
+    cli.run_or_exit(lambda: sweep.write_report(_WORKDIR.value))
+  else:
+    rows = cli.run_or_exit(lambda: sweep.run_sweep(_require_config(), _WORKDIR.value))
+    ok = sum(r.get("status") == "ok" for r in rows)
+    print(f"{ok} of {len(rows)} cells ok")
+  import os
+  print(f"-> {os.path.join(os.path.abspath(_WORKDIR.value), 'report', 'summary.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
