@@ -222,6 +222,11 @@ def choose_poison_indices(key: chex.PRNGKey,
                mode, f"mode {mode!r}")
     raise ConfigError(f"poison {asked} asks for {n} of {n_total} training samples but only "
                       f"{pool.shape[0]} are eligible ({why}); allowed: at most {pool.shape[0]}")
+  return _sample_without_replacement(key, pool, n)
+
+
+def _sample_without_replacement(key: chex.PRNGKey, pool: np.ndarray, n: int) -> np.ndarray:
+  """``n`` distinct entries of ``pool`` drawn with ``key``, sorted, as int64."""
   if n == 0:
     return np.zeros((0,), np.int64)
   perm = np.asarray(jax.random.permutation(key, pool.shape[0]))
@@ -249,10 +254,7 @@ def choose_cross_indices(key: chex.PRNGKey, n_total: int, poisoned: np.ndarray, 
   if n > pool.shape[0]:
     raise ConfigError(f"cross_ratio {cross_ratio!r} asks for {n} noise-mode samples but only {pool.shape[0]} "
                       f"samples are not poisoned; allowed: at most {pool.shape[0] / max(len(poisoned), 1):.3g}")
-  if n == 0:
-    return np.zeros((0,), np.int64)
-  perm = np.asarray(jax.random.permutation(key, pool.shape[0]))
-  return np.sort(pool[perm[:n]]).astype(np.int64)
+  return _sample_without_replacement(key, pool, n)
 
 
 _noise_warp_jit = jax.jit(lambda trigger, images, keys: apply_noise_warp(trigger, images, keys=keys))
