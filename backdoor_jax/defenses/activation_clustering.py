@@ -71,8 +71,7 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
     raise ConfigError(f"activation_clustering.size_threshold={cfg.size_threshold} is invalid; allowed: (0, 0.5)")
   layer = common.feature_layer(ctx, cfg.layer, "activation_clustering")
   with common.Timer() as t:
-    feats = common.features(ctx, ctx.variables, ctx.exp.train_images, layer)
-    feats = feats.reshape(len(feats), -1)
+    feats = common.training_set_features(ctx, layer)
     labels, truth = ctx.exp.train_labels, ctx.exp.is_poisoned
     flag = np.zeros(len(labels), bool)
     per_class, details = [], {}

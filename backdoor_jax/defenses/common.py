@@ -282,6 +282,15 @@ def features(ctx: DefenseContext, variables: Any, images: np.ndarray, layer: str
   return map_batches(ctx.jitted(f"features/{layer}", make), images, int(ctx.config.batch_size), variables)
 
 
+def training_set_features(ctx: DefenseContext, layer: str) -> np.ndarray:
+  """``(N, D)`` flattened ``layer`` activations of the whole (poisoned) training set.
+
+  Activation Clustering and Spectral Signatures both start from these.
+  """
+  feats = features(ctx, ctx.variables, ctx.exp.train_images, layer)
+  return feats.reshape(len(feats), -1)
+
+
 def accuracy(pred_logits: np.ndarray, labels: np.ndarray) -> float | None:
   if pred_logits is None or not len(labels):
     return None

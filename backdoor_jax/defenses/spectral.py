@@ -35,8 +35,7 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
                       "allowed: a product in (0, 1)")
   layer = common.feature_layer(ctx, cfg.layer, "spectral")
   with common.Timer() as t:
-    feats = common.features(ctx, ctx.variables, ctx.exp.train_images, layer)
-    feats = feats.reshape(len(feats), -1)
+    feats = common.training_set_features(ctx, layer)
     labels, truth = ctx.exp.train_labels, ctx.exp.is_poisoned
     removed = np.zeros(len(labels), bool)
     all_scores = np.zeros(len(labels))
