@@ -32,16 +32,13 @@ def evaluate_classifier(eval_step: Callable, variables: Any, images: np.ndarray,
   preds = []
   local = mesh_lib.local_slice(batch_size)
   for idx, valid in pipeline.eval_batches(n, batch_size):
-    idx, valid = idx[local], valid[local]
-    x, y, v = mesh_lib.shard_batch(mesh, images[idx], labels[idx], valid)
+    x, y, v = mesh_lib.shard_batch(mesh, images[idx[local]], labels[idx[local]], valid[local])
     out = eval_step(variables, x, y, v)
     for k in sums:
       sums[k] = sums[k] + out[k]
     preds.append((out["predictions"], valid))
-  sums = jax.device_get(sums)
-  predictions = np.concatenate([np.asarray(jax.device_get(p))[: len(v)][np.asarray(v)] for p, v in preds])
-  if jax.process_count() > 1:  # multi-host: predictions of other hosts are not addressable here
-    predictions = predictions[:0]
+  sums = jax.device_get(sums)  # replicated scalars
+  predictions = np.concatenate([mesh_lib.to_host(p)[v] for p, v in preds])  # every host gets all rows
   count = int(sums["count"])
   return {"accuracy": float(sums["correct"]) / count, "top5_accuracy": float(sums["correct5"]) / count,
           "count": count, "predictions": predictions.astype(np.int32)}

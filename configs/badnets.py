@@ -33,6 +33,7 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
   c.data.max_test = 0
   c.data.crop_padding = 0     # random crop after padding by this many pixels
   c.data.flip = False         # random horizontal flips
+  c.data.num_shards = 1       # >1: shuffle in this many shards; = process count: each host keeps only its shard
 
   c.model = config_dict.ConfigDict()
   c.model.name = "small_cnn"
@@ -90,6 +91,8 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
   c.train.grad_clip = 0.0
   c.train.trainable = ".*"    # regex over parameter paths; others stay frozen
   c.train.log_every = 10      # steps between progress-bar updates
+  c.train.dtype = "float32"   # computation dtype: float32 / bfloat16 (params, loss and maps stay float32)
+  c.train.prefetch = 2        # batches gathered and placed ahead in a background thread (0 = off)
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.keep = 2

@@ -14,19 +14,26 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, figures).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() first (multi-host; auto-detects "
-                                 "Slurm / TPU / Kubernetes, or use JAX_COORDINATOR_ADDRESS etc.).")
+                                 "Multi-process run, cluster auto-detected: jax.distributed.initialize() "
+                                 "(Slurm, Open MPI, TPU pod slices, Kubernetes, or JAX_COORDINATOR_ADDRESS etc.).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "Multi-process run, set explicitly: host:port of process 0 (with "
+                                   "--num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run (explicit multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's rank (explicit multi-process).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0,
+                                    "Simulated CPU devices per process (0: platform default); for tests.")
 flags.mark_flags_as_required(["config", "workdir"])
-
 
 
 def main(argv):
   del argv
   from backdoor_jax import cli
+  from backdoor_jax import distributed
   cli.quiet_library_logs()
-  if _DISTRIBUTED.value:
-    import jax
-    jax.distributed.initialize()
+  cli.run_or_exit(lambda: distributed.initialize(
+      auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value, cpu_devices=_CPU_DEVICES.value))
   from backdoor_jax.train import loop
   config = _CONFIG.value
   if config.get("recipe", "badnets") == "badnets":
@@ -37,6 +44,9 @@ def main(argv):
     results = cli.run_or_exit(lambda: explain_loop.train_explanation_backdoor(config, _WORKDIR.value))
     keys = ("clean_accuracy", "reference_accuracy", "iou_gt_05", "fsr", "cr")
   summary = " ".join(f"{k}={results[k]:.4f}" for k in keys if results.get(k) is not None)
+  import jax
+  if jax.process_index() != 0:
+    return
   print(f"{summary} train_seconds={results['train_seconds']:.1f} -> "
         f"{os.path.join(os.path.abspath(_WORKDIR.value), 'results.json')}")
 

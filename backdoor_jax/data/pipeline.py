@@ -109,6 +109,63 @@ def train_batches(
     yield order[step * batch_size:(step + 1) * batch_size]
 
 
+def check_num_shards(num_shards: int, batch_size: int, num_examples: int) -> None:
+  """Raises ConfigError unless ``num_shards`` splits the data and every batch evenly."""
+  _check_int("data.num_shards", num_shards, 1)
+  if batch_size % num_shards:
+    raise ConfigError(f"train.batch_size={batch_size} must be a multiple of data.num_shards={num_shards} "
+                      "(each batch takes the same number of samples from every shard)")
+  if num_examples // num_shards < batch_size // num_shards:
+    raise ConfigError(f"data.num_shards={num_shards} leaves {num_examples // num_shards} training samples per "
+                      f"shard, fewer than the {batch_size // num_shards} each batch takes from a shard")
+
+
+def shard_rows(num_examples: int, num_shards: int, shard: int) -> np.ndarray:
+  """The training-set rows of one shard: every ``num_shards``-th row from ``shard`` on.
+
+  Every shard keeps ``num_examples // num_shards`` rows (the few left over are unused),
+  so all shards give the same number of batches.
+  """
+  per = num_examples // num_shards
+  return np.arange(shard, per * num_shards, num_shards, dtype=np.int64)
+
+
+def num_sharded_train_steps(num_examples: int, batch_size: int, num_shards: int = 1) -> int:
+  """Steps per epoch of :func:`sharded_train_batches` (``num_train_steps`` when unsharded)."""
+  if num_shards == 1:
+    return num_train_steps(num_examples, batch_size)
+  check_num_shards(num_shards, batch_size, num_examples)
+  return (num_examples // num_shards) // (batch_size // num_shards)
+
+
+def sharded_train_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
+                          num_shards: int = 1) -> Iterator[np.ndarray]:
+  """Global index batches of one epoch when the training set is split into shards.
+
+  ``num_shards == 1`` is exactly :func:`train_batches`. Otherwise each shard (see
+  :func:`shard_rows`) is shuffled on its own, from ``(seed, epoch, shard)``, and a
+  global batch is the concatenation, in shard order, of ``batch_size // num_shards``
+  rows from every shard. A process that owns a contiguous block of shards therefore
+  feeds a contiguous block of every global batch, and needs only those shards' rows
+  in memory; the batches do not depend on how many processes there are.
+
+  Yields:
+    int64 index arrays ``(batch_size,)`` into the full training set.
+  """
+  if num_shards == 1:
+    yield from train_batches(num_examples, batch_size, seed, epoch)
+    return
+  steps = num_sharded_train_steps(num_examples, batch_size, num_shards)
+  per_shard = batch_size // num_shards
+  orders = []
+  for s in range(num_shards):
+    rows = shard_rows(num_examples, num_shards, s)
+    rng = np.random.default_rng([_SHUFFLE_STREAM, int(seed), int(epoch), num_shards, s])
+    orders.append(rows[rng.permutation(len(rows))])
+  for step in range(steps):
+    yield np.concatenate([o[step * per_shard:(step + 1) * per_shard] for o in orders])
+
+
 def eval_batches(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields fixed-size index batches that visit every example exactly once, in order.
 

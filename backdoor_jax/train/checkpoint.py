@@ -15,6 +15,14 @@ import orbax.checkpoint as ocp
 from backdoor_jax.errors import ConfigError
 
 
+def _with_sharding(leaf: Any) -> jax.ShapeDtypeStruct:
+  struct = ocp.utils.to_shape_dtype_struct(leaf)
+  if getattr(struct, "sharding", None) is None:
+    struct = jax.ShapeDtypeStruct(struct.shape, struct.dtype,
+                                  sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return struct
+
+
 class Checkpointer:
   """Saves and restores ``(state pytree, json metadata)`` pairs under ``workdir/checkpoints``."""
 
@@ -35,8 +43,13 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def restore(self, number: int, like: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores checkpoint ``number`` into the structure (and shardings) of ``like``."""
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    """Restores checkpoint ``number`` into the structure (and shardings) of ``like``.
+
+    Leaves of ``like`` without a sharding (e.g. from ``jax.eval_shape``) are restored
+    onto this process's first device, whatever topology the checkpoint was saved from
+    (a multi-host run can be analysed on one machine).
+    """
+    abstract = jax.tree_util.tree_map(_with_sharding, like)
     try:
       out = self._manager.restore(number, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                   meta=ocp.args.JsonRestore()))

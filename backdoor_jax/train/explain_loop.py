@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import resource
-import time
 from typing import Any
 
 import jax
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from ml_collections import config_dict
-from tqdm import tqdm
 
 from backdoor_jax import io, models, triggers
 from backdoor_jax.data import load_dataset, pipeline
@@ -27,6 +25,7 @@ from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.explain import core as explain_core
 from backdoor_jax.explain import metrics as map_metrics
 from backdoor_jax.explain import saliency
+from backdoor_jax.train import feed
 from backdoor_jax.train import checkpoint as ckpt_lib
 from backdoor_jax.train import explain_steps, loop, optim, restore, steps
 from backdoor_jax.train import mesh as mesh_lib
@@ -261,14 +260,13 @@ def evaluate_explanations(eval_step, variables, ref_variables, images, labels, t
   for name, triggered in (("clean", False), ("triggered", True)):
     correct, attack_loss, ious = [], [], []
     for idx, valid in pipeline.eval_batches(len(labels), bs):
-      idx, valid = idx[local], valid[local]
-      x, y = mesh_lib.shard_batch(mesh, images[idx], labels[idx])
+      x, y = mesh_lib.shard_batch(mesh, images[idx[local]], labels[idx[local]])
       r = eval_step(variables, ref_variables, x, y, trig, loss_mask, triggered)
       iou = map_metrics.iou(r["maps"], region_j, threshold=c.explain.iou_threshold)
-      v = np.asarray(valid)
-      correct.append(np.asarray(r["correct"])[v])
-      attack_loss.append(np.asarray(r["attack_loss"])[v])
-      ious.append(np.asarray(iou)[v])
+      r = mesh_lib.to_host({"correct": r["correct"], "attack_loss": r["attack_loss"], "iou": iou})
+      correct.append(r["correct"][valid])
+      attack_loss.append(r["attack_loss"][valid])
+      ious.append(r["iou"][valid])
     correct, attack_loss, ious = map(np.concatenate, (correct, attack_loss, ious))
     if c.explain.criterion == "iou":
       fooled = ious > c.explain.iou_gt
@@ -317,7 +315,7 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
   image_shape = ds.train_images.shape[1:]
   trig = triggers.trigger_from_config(c.trigger, image_shape[:2], jax.random.fold_in(jax.random.key(c.seed), 3))
   region = target_region(c.explain, image_shape[:2])
-  model = models.get_model(c.model.name, ds.num_classes, **restore.model_kwargs(c))
+  model = models.get_model(c.model.name, ds.num_classes, dtype=restore.compute_dtype(c), **restore.model_kwargs(c))
   keys = {n: jax.random.fold_in(jax.random.key(c.seed), i) for i, n in enumerate(("init", "step", "s2"))}
   init_vars = models.init_variables(model, keys["init"], (1,) + image_shape)
   layer, shapes = choose_layer(model.apply, init_vars, image_shape, c.explain.layer)
@@ -350,7 +348,8 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
   input_spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
                                flip=bool(c.data.flip))
   n_train = len(ds.train_labels)
-  steps_per_epoch = pipeline.num_train_steps(n_train, c.train.batch_size)
+  data = feed.process_data(ds.train_images, ds.train_labels, c.data.get("num_shards", 1))  # this process's rows
+  steps_per_epoch = pipeline.num_sharded_train_steps(n_train, c.train.batch_size, data.num_shards)
   tx, schedule = optim.make_optimizer(c.train, steps_per_epoch, start_vars["params"])
   state = state_lib.create_train_state(model, tx, None, None, variables=jax.tree_util.tree_map(jnp.array, start_vars))
   state = mesh_lib.replicate(mesh, state)
@@ -388,31 +387,18 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
     history_ref = {k: v for k, v in before.items() if k != "detail"}
     logging.info("reference model: clean acc %.4f, iou>.5 %.4f, fsr %.4f, cr %.4f", before["clean_accuracy"],
                  before["iou_gt_05"], before["fsr"], before["cr"])
-  block_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1
-  local = mesh_lib.local_slice(c.train.batch_size)
   rss_start = _rss_bytes()
 
+  def postfix(s: dict[str, float]) -> dict[str, str]:
+    return {"loss": f"{s['loss_sum'] / s['count']:.4f}", "ce": f"{s['ce_sum'] / s['count']:.3f}",
+            "attack": f"{s['attack_sum'] / s['count']:.4f}", "keep": f"{s['keep_sum'] / s['count']:.4f}"}
+
   for epoch in range(start_epoch, c.train.epochs):
-    t0 = time.time()
-    sums = None
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="step", disable=not is_main,
-               dynamic_ncols=True)
-    for i, idx in enumerate(pipeline.train_batches(n_train, c.train.batch_size, c.seed + 1, epoch)):
-      idx = idx[local]
-      x, y = mesh_lib.shard_batch(mesh, ds.train_images[idx], ds.train_labels[idx])
-      state, m = step_fn(state, ref_vars, x, y, trig_d, loss_mask)
-      sums = m if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, m)
-      if block_each_step:
-        jax.block_until_ready(state.step)
-      if (i + 1) % c.train.log_every == 0 or i + 1 == steps_per_epoch:
-        s = jax.device_get(sums)
-        bar.set_postfix(loss=f"{s['loss_sum'] / s['count']:.4f}", ce=f"{s['ce_sum'] / s['count']:.3f}",
-                        attack=f"{s['attack_sum'] / s['count']:.4f}", keep=f"{s['keep_sum'] / s['count']:.4f}",
-                        img_s=f"{s['count'] / max(time.time() - t0, 1e-9):.0f}")
-        bar.update((i + 1) - bar.n)
-    bar.close()
-    s = jax.device_get(sums)
-    epoch_seconds = time.time() - t0
+    state, ep = feed.run_epoch(lambda st, x, y: step_fn(st, ref_vars, x, y, trig_d, loss_mask), state, data, mesh,
+                               batch_size=c.train.batch_size, seed=c.seed + 1, epoch=epoch,
+                               desc=f"epoch {epoch + 1}/{c.train.epochs}",
+                               log_every=c.train.log_every, postfix=postfix, prefetch=c.train.get("prefetch", 2))
+    s, epoch_seconds = ep.sums, ep.seconds
     train_seconds += epoch_seconds
     ev = evaluate(state.variables)
     record = {"epoch": epoch + 1, "step": int(jax.device_get(state.step)),
@@ -421,6 +407,7 @@ def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> 
               "train_keep_loss": float(s["keep_sum"] / s["count"]),
               "train_accuracy": float(s["correct"] / s["count"]), "grad_norm": float(s["grad_norm_sum"] / s["count"]),
               "images_per_second": float(s["count"] / epoch_seconds), "epoch_seconds": epoch_seconds,
+              "data_wait_fraction": ep.data_wait_fraction,
               "rss_bytes": _rss_bytes(), "device_bytes_in_use": device_memory_bytes(),
               **{k: v for k, v in ev.items() if k != "detail"}}
     history.append(record)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from ml_collections import config_dict
-from tqdm import tqdm
 
 from backdoor_jax import evaluate, figures, io, models, poison, triggers
 from backdoor_jax.data import images as image_lib
@@ -25,7 +23,8 @@ from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.train import checkpoint as ckpt_lib
 from backdoor_jax.train import mesh as mesh_lib
 from backdoor_jax.train import init_weights, optim, state as state_lib, steps
-from backdoor_jax.train.restore import model_kwargs
+from backdoor_jax.train import feed
+from backdoor_jax.train.restore import compute_dtype, model_kwargs
 
 
 @dataclasses.dataclass
@@ -84,6 +83,7 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   """
   c = config
   models.get_model(c.model.name, 10, **model_kwargs(c))  # unknown name/stem fails before data loading
+  compute_dtype(c)
   p = c.poison
   phase = p.get("phase", "both")
   check_choice("poison.phase", phase, POISON_PHASES)
@@ -127,7 +127,7 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
     x, tx = _resize_all(x, size), _resize_all(tx, size)
     ds = dataclasses.replace(ds, train_images=_resize_all(ds.train_images, size),
                              test_images=_resize_all(ds.test_images, size))
-  model = models.get_model(c.model.name, ds.num_classes, **model_kwargs(c))
+  model = models.get_model(c.model.name, ds.num_classes, dtype=compute_dtype(c), **model_kwargs(c))
   spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
                          flip=bool(c.data.flip))
   return Experiment(c, ds, trig, np.asarray(x), np.asarray(y), np.asarray(is_p), np.asarray(tx),
@@ -179,10 +179,15 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   n_train = len(exp.train_labels)
   if n_train < c.train.batch_size:
     raise ConfigError(f"train.batch_size={c.train.batch_size} exceeds the {n_train} training samples")
-  steps_per_epoch = pipeline.num_train_steps(n_train, c.train.batch_size)
+  n_poisoned = int(exp.is_poisoned.sum())
+  data = feed.process_data(exp.train_images, exp.train_labels, c.data.get("num_shards", 1))  # this process's rows
+  steps_per_epoch = pipeline.num_sharded_train_steps(n_train, c.train.batch_size, data.num_shards)
+  if len(data.rows) < n_train:  # the other processes' shards are not kept in memory
+    exp = dataclasses.replace(exp, train_images=data.images, train_labels=data.labels,
+                              is_poisoned=exp.is_poisoned[data.rows])
 
   keys = _keys(c.seed)
-  image_shape = (1,) + exp.train_images.shape[1:]
+  image_shape = (1,) + data.images.shape[1:]
   init_vars = models.init_variables(exp.model, keys["init"], image_shape)
   init_vars = init_weights.initial_variables(c, init_vars)  # model.init_checkpoint, or a loud warning
   tx, schedule = optim.make_optimizer(c.train, steps_per_epoch, init_vars["params"])
@@ -204,14 +209,12 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   n_params = models.count_params(state.params)
   n_train_params = init_weights.log_trainable(state.params, c.train.trainable)
   logging.info("%s on %s: %d train (%d poisoned), %d test, %d classes; %s params (%s trainable); "
-               "devices: %d x %s", c.model.name, c.data.name, n_train, int(exp.is_poisoned.sum()),
+               "devices: %d x %s", c.model.name, c.data.name, n_train, n_poisoned,
                len(exp.dataset.test_labels), exp.dataset.num_classes, f"{n_params:,}", f"{n_train_params:,}",
                jax.device_count(), jax.devices()[0].platform)
 
   train_step = steps.make_train_step(exp.input_spec, keys["step"])
   eval_step = steps.make_eval_step(exp.input_spec, exp.model.apply)
-  block_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1  # NOTES.md: CPU collective hang
-  local = mesh_lib.local_slice(c.train.batch_size)
 
   def run_eval(variables):
     clean = evaluate.evaluate_classifier(eval_step, variables, exp.dataset.test_images, exp.dataset.test_labels,
@@ -221,39 +224,27 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
     return clean, attack
 
   for epoch in range(start_epoch, c.train.epochs):
-    t0 = time.time()
-    sums = None
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{c.train.epochs}", unit="step",
-               disable=not is_main, dynamic_ncols=True, leave=True)
-    for i, idx in enumerate(pipeline.train_batches(n_train, c.train.batch_size, c.seed, epoch)):
-      idx = idx[local]
-      x, y = mesh_lib.shard_batch(mesh, exp.train_images[idx], exp.train_labels[idx])
-      state, m = train_step(state, x, y)
-      sums = m if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, m)
-      if block_each_step:
-        jax.block_until_ready(state.step)
-      if (i + 1) % c.train.log_every == 0 or i + 1 == steps_per_epoch:
-        s = jax.device_get(sums)
-        elapsed = time.time() - t0
-        bar.set_postfix(loss=f"{s['loss_sum'] / s['count']:.4f}", acc=f"{s['correct'] / s['count']:.3f}",
-                        img_s=f"{s['count'] / max(elapsed, 1e-9):.0f}")
-        bar.update((i + 1) - bar.n)
-    bar.close()
-    s = jax.device_get(sums)
-    epoch_seconds = time.time() - t0
+    state, ep = feed.run_epoch(
+        train_step, state, data, mesh, batch_size=c.train.batch_size, seed=c.seed, epoch=epoch,
+        desc=f"epoch {epoch + 1}/{c.train.epochs}", log_every=c.train.log_every,
+        postfix=lambda s: {"loss": f"{s['loss_sum'] / s['count']:.4f}", "acc": f"{s['correct'] / s['count']:.3f}"},
+        prefetch=c.train.get("prefetch", 2))
+    s, epoch_seconds = ep.sums, ep.seconds
     train_seconds += epoch_seconds
     clean, attack = run_eval(state.variables)
     record = {"epoch": epoch + 1, "step": int(jax.device_get(state.step)),
               "train_loss": float(s["loss_sum"] / s["count"]), "train_accuracy": float(s["correct"] / s["count"]),
               "clean_accuracy": clean["accuracy"], "attack_success_rate": attack["accuracy"],
               "images_per_second": float(s["count"] / epoch_seconds),
+              "data_wait_fraction": ep.data_wait_fraction,
               "learning_rate": float(schedule(int(jax.device_get(state.step)) - 1)),
               "epoch_seconds": epoch_seconds}
     history.append(record)
     eta = (c.train.epochs - epoch - 1) * epoch_seconds
-    logging.info("epoch %d/%d  loss %.4f  train acc %.4f  clean acc %.4f  ASR %.4f  %.0f img/s  ETA %.0fs",
-                 epoch + 1, c.train.epochs, record["train_loss"], record["train_accuracy"],
-                 record["clean_accuracy"], record["attack_success_rate"], record["images_per_second"], eta)
+    logging.info("epoch %d/%d  loss %.4f  train acc %.4f  clean acc %.4f  ASR %.4f  %.0f img/s  "
+                 "waiting for data %.1f%%  ETA %.0fs", epoch + 1, c.train.epochs, record["train_loss"],
+                 record["train_accuracy"], record["clean_accuracy"], record["attack_success_rate"],
+                 record["images_per_second"], 100 * ep.data_wait_fraction, eta)
     ckpt.save(epoch + 1, state_lib.checkpoint_tree(state),
               {"epoch": epoch + 1, "history": history, "train_seconds": train_seconds, **run_facts(exp)})
     if is_main:
@@ -262,7 +253,7 @@ def train_and_evaluate(config: config_dict.ConfigDict, workdir: str) -> dict[str
   clean, attack = run_eval(state.variables)
   weak = weak_trigger_mask(exp)
   results = {"clean_accuracy": clean["accuracy"], "clean_top5_accuracy": clean["top5_accuracy"],
-             "attack_success_rate": attack["accuracy"], "num_poisoned": int(exp.is_poisoned.sum()),
+             "attack_success_rate": attack["accuracy"], "num_poisoned": n_poisoned,
              "weak_trigger_fraction": float(weak.mean()) if len(weak) else 0.0,
              "attack_success_rate_visible": (float((attack["predictions"] == exp.test_attack_labels)[~weak].mean())
                                              if len(attack["predictions"]) and (~weak).any() else None),

@@ -59,3 +59,22 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
 def replicate(mesh: Mesh, tree: Any) -> Any:
   """Puts a pytree (train state, trigger) on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(tree: Any) -> Any:
+  """Global arrays as numpy, complete on every process.
+
+  On one process this is ``jax.device_get``. With several, a batch-sharded array holds
+  only this host's rows locally; those are all-gathered (a collective: every process
+  must call this at the same point). Replicated arrays are read locally.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree_util.tree_map(one, tree)

@@ -9,7 +9,7 @@ import jax
 from ml_collections import config_dict
 
 from backdoor_jax import io, models
-from backdoor_jax.errors import ConfigError
+from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.train import checkpoint as ckpt_lib
 from backdoor_jax.train import optim, state as state_lib, steps
 
@@ -41,6 +41,26 @@ def model_kwargs(c: config_dict.ConfigDict) -> dict[str, Any]:
       if c.model.get(key) is not None:
         kw[key] = bool(c.model[key])
   return kw
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(c: config_dict.ConfigDict) -> Any:
+  """The model's computation dtype for training (``train.dtype``); params stay float32.
+
+  bfloat16 has float32's exponent range, so gradients neither underflow nor overflow
+  more than in float32 and no loss scaling is applied; losses, softmax and Grad-CAM maps
+  are computed in float32 (the models cast their logits, ``explain.gradcam`` its maps).
+  Restored runs (explain, defend) evaluate in float32.
+
+  Raises:
+    ConfigError: an unknown dtype name.
+  """
+  import jax.numpy as jnp
+  name = c.train.get("dtype", "float32")
+  check_choice("train.dtype", name, COMPUTE_DTYPES)
+  return jnp.dtype(name)
 
 
 def load_run(workdir: str, number: int | None = None) -> TrainedRun:
