@@ -526,3 +526,20 @@ def test_default_flip():
     assert data.default_flip(name)
   with pytest.raises(ConfigError):
     data.default_flip("cifar11")
+
+
+def test_synthetic_dataset_is_seeded_balanced_and_learnable():
+  from backdoor_jax.data import load_dataset
+  a = load_dataset("synthetic", image_size=16, seed=3, max_train=200, max_test=100)
+  b = load_dataset("synthetic", image_size=16, seed=3, max_train=200, max_test=100)
+  c = load_dataset("synthetic", image_size=16, seed=4, max_train=200, max_test=100)
+  assert a.train_images.shape == (200, 16, 16, 3) and a.test_images.shape == (100, 16, 16, 3)
+  np.testing.assert_array_equal(a.train_images, b.train_images)
+  assert not np.array_equal(a.train_images, c.train_images)
+  np.testing.assert_array_equal(np.bincount(a.train_labels), [20] * 10)
+  # Class means of the training split classify the test split: the labels carry signal.
+  means = np.stack([a.train_images[a.train_labels == k].astype(np.float32).mean(0) for k in range(10)])
+  d = ((a.test_images[:, None].astype(np.float32) - means[None]) ** 2).sum(axis=(2, 3, 4))
+  assert (d.argmin(1) == a.test_labels).mean() > 0.9
+  full = load_dataset("synthetic", image_size=8, seed=0)
+  assert (len(full.train_labels), len(full.test_labels)) == (50_000, 10_000)

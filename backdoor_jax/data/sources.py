@@ -8,6 +8,11 @@ Sources:
   * ``digits``: scikit-learn's embedded 8x8 digits, the offline default (no files).
   * ``npz``: arrays in a user-given ``.npz`` file.
   * ``gtsrb``: an ``.npz`` file or the official GTSRB folder layout.
+  * ``synthetic``: generated in memory from the seed (no files, no network), for
+    throughput runs on machines without data: CIFAR-10-sized by default (50,000 train,
+    10,000 test, 10 classes; ``max_train``/``max_test`` set the sizes), each class a
+    smooth random colour template plus per-image noise, so it is learnable but says
+    nothing about accuracy on real images.
   * tfds names (cifar10, cifar100, mnist, fashion_mnist, svhn_cropped, oxford_iiit_pet,
     caltech_birds2011, imagenette): read with ``tfds.data_source`` from a data_dir where
     they were prepared beforehand; nothing is ever downloaded.
@@ -29,7 +34,8 @@ from backdoor_jax.data import images as image_lib
 from backdoor_jax.data import tfds_sources
 from backdoor_jax.errors import ConfigError, check_choice
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "npz", "gtsrb", *tfds_sources.SPECS)
+DATASET_NAMES: tuple[str, ...] = ("digits", "npz", "gtsrb", "synthetic", *tfds_sources.SPECS)
+SYNTHETIC_SIZES = (50_000, 10_000)  # train / test images of ``synthetic`` when max_* is unset
 
 NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
@@ -139,6 +145,8 @@ def load_dataset(
     return _load_digits(**kwargs)
   if name == "npz":
     return _load_npz(_require_path(name, path), name="npz", **kwargs)
+  if name == "synthetic":
+    return _make_synthetic(**kwargs)
   if name == "gtsrb":
     return _load_gtsrb(_require_path(name, path), crop_roi=crop_roi, **kwargs)
   train_x, train_y, test_x, test_y, class_names = tfds_sources.read_tfds(
@@ -181,6 +189,33 @@ def _load_digits(*, image_size: int | None, seed: int, max_train: int | None,
   test_x, test_y = _subset_and_resize(test_x, test_y, max_test, image_size, seed)
   return ImageDataset("digits", train_x, train_y, test_x, test_y, 10,
                       tuple(str(d) for d in range(10)), mean * 3, std * 3)
+
+
+def _make_synthetic(*, image_size: int | None, seed: int, max_train: int | None,
+                    max_test: int | None) -> ImageDataset:
+  """Seeded class templates (8x8 colour noise, upsampled) plus per-image Gaussian noise."""
+  size = image_size or 32
+  rng = np.random.default_rng([0x5E7, int(seed)])
+  n_classes = 10
+  coarse = rng.uniform(40, 215, (n_classes, 8, 8, 3)).astype(np.float32)
+  reps = -(-size // 8)
+  templates = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)[:, :size, :size]
+
+  def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = (np.arange(n) % n_classes).astype(np.int32)
+    rng.shuffle(labels)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for start in range(0, n, 4096):  # bounded float32 scratch memory
+      y = labels[start:start + 4096]
+      x = templates[y] + rng.normal(0, 40, (len(y), size, size, 3)).astype(np.float32)
+      out[start:start + 4096] = np.clip(x, 0, 255).astype(np.uint8)
+    return out, labels
+
+  train_x, train_y = split(max_train or SYNTHETIC_SIZES[0])
+  test_x, test_y = split(max_test or SYNTHETIC_SIZES[1])
+  mean, std = image_lib.channel_mean_std(train_x[:4096])
+  return ImageDataset("synthetic", train_x, train_y, test_x, test_y, n_classes,
+                      tuple(f"class_{i}" for i in range(n_classes)), mean, std)
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
