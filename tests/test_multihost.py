@@ -36,16 +36,20 @@ def _cmd(workdir, *extra):
   return [sys.executable, os.path.join(REPO, "launch", "train.py"), *ARGS, f"--workdir={workdir}", *extra]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  multi, single = tmp_path / "multi", tmp_path / "single"
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(_cmd(multi, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+def _run_two(workdir, port, env):
+  procs = [subprocess.Popen(_cmd(workdir, f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                  f"--process_id={i}", "--cpu_devices=2"), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def test_two_processes_match_one_process(tmp_path):
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  outs = _run_two(multi, _free_port(), env)
   ref = subprocess.run(_cmd(single, "--cpu_devices=4"), cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
   assert ref.returncode == 0, ref.stderr[-3000:]
@@ -67,6 +71,12 @@ def test_two_processes_match_one_process(tmp_path):
     assert ra[key] == rb[key], key
   assert len((multi / "metrics.jsonl").read_text().splitlines()) == 2
   assert sorted(os.listdir(multi / "checkpoints")) == ["1", "2"]
+
+  # A rerun resumes: both processes restore the collective checkpoint and train nothing more.
+  outs = _run_two(multi, _free_port(), env)
+  assert "resumed from" in outs[0][1] and "epoch 1/2" not in outs[0][1]
+  again = json.loads((multi / "results.json").read_text())
+  assert again["clean_accuracy"] == ra["clean_accuracy"] and again["train_seconds"] == ra["train_seconds"]
 
 
 def test_bad_cluster_flags_are_one_line_errors():
