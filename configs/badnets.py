@@ -91,7 +91,8 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
   c.train.grad_clip = 0.0
   c.train.trainable = ".*"    # regex over parameter paths; others stay frozen
   c.train.log_every = 10      # steps between progress-bar updates
-  c.train.dtype = "float32"   # computation dtype: float32 / bfloat16 (params, loss and maps stay float32)
+  c.train.dtype = "float32"   # computation dtype: float32 / bfloat16 / float16 (params, loss, maps stay float32)
+  c.train.loss_scale_init = 32768.0  # float16 only: initial dynamic loss scale
   c.train.prefetch = 2        # batches gathered and placed ahead in a background thread (0 = off)
 
   c.checkpoint = config_dict.ConfigDict()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from backdoor_jax import losses, triggers
 from backdoor_jax.explain import saliency
-from backdoor_jax.train import steps
+from backdoor_jax.train import optim, steps
 from backdoor_jax.train.state import TrainState
 
 
@@ -146,19 +146,22 @@ def make_explain_train_step(input_spec: steps.InputSpec, spec: ExplainSpec, base
       l_attack = _masked_mean(terms["attack"], attacked)
       l_keep = _masked_mean(terms["keep"], 1.0 - attacked)
       loss = spec.ce_weight * jnp.mean(ce) + spec.attack_weight * l_attack + spec.keep_weight * l_keep
-      return loss, (logits, new_stats, jnp.mean(ce), l_attack, l_keep)
+      return loss * scale, (loss, logits, new_stats, jnp.mean(ce), l_attack, l_keep)
 
-    (loss, (logits, new_stats, ce, l_attack, l_keep)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    scale = optim.loss_scale(state.opt_state)  # 1 unless float16 compute
+    (_, (loss, logits, new_stats, ce, l_attack, l_keep)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     new_stats = jax.lax.stop_gradient(new_stats)
     if spec.bn_mode == "refresh" and state.batch_stats:  # gradient-free update of the running statistics
       _, upd = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
                               mutable=["batch_stats"], rngs={"dropout": drop_key})
       new_stats = jax.lax.stop_gradient(upd["batch_stats"])
-    state = state.apply_gradients(grads, new_stats)
+    grad_norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads))) / scale
+    state = state.apply_gradients(grads, steps.keep_if_finite(state, grads, new_stats))
     n = labels.shape[0]
     metrics = {"loss_sum": loss * n, "ce_sum": ce * n, "attack_sum": l_attack * n, "keep_sum": l_keep * n,
                "correct": jnp.sum(jnp.argmax(logits, -1) == labels), "count": jnp.asarray(n, jnp.int32),
-               "grad_norm_sum": jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads))) * n}
+               "grad_norm_sum": grad_norm * n}
     return state, metrics
 
   return jax.jit(step, donate_argnums=(0,))

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 
 from backdoor_jax.errors import ConfigError, check_choice
@@ -58,12 +59,61 @@ def trainable_mask(params: Any, pattern: str) -> Any:
   return mask
 
 
+class LossScaleState(NamedTuple):
+  """State of :func:`dynamic_loss_scale`: the current scale and the steps since a change."""
+  scale: jax.Array       # float32 scalar the loss is multiplied by
+  good_steps: jax.Array  # int32: consecutive steps with finite gradients
+  inner: Any             # the wrapped optimiser's state
+
+
+def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float = 2.0 ** 15,
+                       period: int = 2000, factor: float = 2.0,
+                       min_scale: float = 1.0) -> optax.GradientTransformation:
+  """Dynamic loss scaling around ``inner``, for float16 compute.
+
+  The train step multiplies its loss by :func:`loss_scale` (so float16 gradients do not
+  underflow) and hands the scaled gradients to this transformation, which divides them
+  by the scale again. If any gradient is not finite the step is skipped (zero update,
+  ``inner``'s state unchanged) and the scale is divided by ``factor`` (not below
+  ``min_scale``); after ``period`` finite steps in a row it is multiplied by ``factor``.
+  """
+
+  def init(params):
+    return LossScaleState(jnp.asarray(init_scale, jnp.float32), jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update(grads, state, params=None):
+    grads = jax.tree_util.tree_map(lambda g: g / state.scale.astype(g.dtype), grads)
+    finite = all_finite(grads)
+    updates, new_inner = inner.update(grads, state.inner, params)
+    updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    new_inner = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_inner, state.inner)
+    good = jnp.where(finite, state.good_steps + 1, 0)
+    grow = good >= period
+    scale = jnp.where(finite, jnp.where(grow, state.scale * factor, state.scale),
+                      jnp.maximum(state.scale / factor, min_scale))
+    return updates, LossScaleState(scale, jnp.where(grow, 0, good), new_inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every element of every leaf is finite (a bool scalar)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+
+
+def loss_scale(opt_state: Any) -> jax.Array | float:
+  """The factor a step multiplies its loss by: the dynamic scale for float16 runs, else 1."""
+  return opt_state.scale if isinstance(opt_state, LossScaleState) else 1.0
+
+
 def make_optimizer(cfg: Any, steps_per_epoch: int, params: Any) -> tuple[optax.GradientTransformation, Callable]:
   """Builds the optimiser described by ``cfg`` (train section).
 
   Parameters whose path does not match ``cfg.trainable`` get zero updates (and no
   optimiser state beyond optax's bookkeeping), which is how transfer learning freezes
-  a backbone.
+  a backbone. With ``cfg.dtype == 'float16'`` the whole optimiser is wrapped in
+  :func:`dynamic_loss_scale`.
 
   Returns:
     (optax transformation, learning-rate schedule)
@@ -86,6 +136,8 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, params: Any) -> tuple[optax.G
     mask = trainable_mask(params, pattern)
     labels = jax.tree_util.tree_map(lambda m: "train" if m else "freeze", mask)
     tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  if cfg.get("dtype", "float32") == "float16":
+    tx = dynamic_loss_scale(tx, init_scale=float(cfg.get("loss_scale_init", 2.0 ** 15)))
   return tx, schedule
 
 

@@ -43,16 +43,17 @@ def model_kwargs(c: config_dict.ConfigDict) -> dict[str, Any]:
   return kw
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def compute_dtype(c: config_dict.ConfigDict) -> Any:
   """The model's computation dtype for training (``train.dtype``); params stay float32.
 
-  bfloat16 has float32's exponent range, so gradients neither underflow nor overflow
-  more than in float32 and no loss scaling is applied; losses, softmax and Grad-CAM maps
-  are computed in float32 (the models cast their logits, ``explain.gradcam`` its maps).
-  Restored runs (explain, defend) evaluate in float32.
+  bfloat16 has float32's exponent range, so it needs no loss scaling. float16 (for GPUs
+  without fast bfloat16, e.g. V100 or T4) does: ``optim.make_optimizer`` then wraps the
+  optimiser in dynamic loss scaling, starting at ``train.loss_scale_init``. Losses,
+  softmax and Grad-CAM maps are computed in float32 (the models cast their logits,
+  ``explain.gradcam`` its maps). Restored runs (explain, defend) evaluate in float32.
 
   Raises:
     ConfigError: an unknown dtype name.

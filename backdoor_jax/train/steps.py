@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from backdoor_jax.data import pipeline
+from backdoor_jax.train import optim
 from backdoor_jax.train.state import TrainState
 
 
@@ -52,6 +53,8 @@ def train_step_fn(spec: InputSpec) -> Callable[..., tuple[TrainState, dict[str, 
     aug_key, drop_key = jax.random.split(key)
     x = preprocess(aug_key, images, spec)
 
+    scale = optim.loss_scale(state.opt_state)  # 1 unless float16 compute
+
     def loss_fn(params):
       variables = {"params": params}
       mutable = []
@@ -59,16 +62,25 @@ def train_step_fn(spec: InputSpec) -> Callable[..., tuple[TrainState, dict[str, 
         variables["batch_stats"] = state.batch_stats
         mutable = ["batch_stats"]
       logits, updates = state.apply_fn(variables, x, train=True, mutable=mutable, rngs={"dropout": drop_key})
-      return cross_entropy(logits, labels), (logits, updates.get("batch_stats", state.batch_stats))
+      loss = cross_entropy(logits, labels)
+      return loss * scale, (loss, logits, updates.get("batch_stats", state.batch_stats))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads, batch_stats)
+    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads, keep_if_finite(state, grads, batch_stats))
     n = labels.shape[0]
     metrics = {"loss_sum": loss * n, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
                "count": jnp.asarray(n, jnp.int32)}
     return state, metrics
 
   return step
+
+
+def keep_if_finite(state: TrainState, grads: Any, new_stats: Any) -> Any:
+  """With loss scaling, a step whose gradients overflowed keeps the old BatchNorm statistics too."""
+  if isinstance(state.opt_state, optim.LossScaleState):
+    finite = optim.all_finite(grads)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_stats, state.batch_stats)
+  return new_stats
 
 
 def make_train_step(spec: InputSpec, base_key: jax.Array) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
