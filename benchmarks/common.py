@@ -1,10 +1,12 @@
-"""Helpers shared by ``gradcam_throughput.py`` and ``explanation_step.py``.
+"""Helpers shared by the benchmark scripts (``gradcam_throughput.py``, ``explanation_step.py``,
+``train_throughput.py``, ``suite.py``).
 
 Three groups:
 
 * measurement plumbing: timing with a per-step barrier, process memory (RSS), one
-  measurement per subprocess with a tagged JSON result line, and the Markdown header
-  (device, versions, date, command, load average);
+  measurement per subprocess with a tagged JSON result line, the Markdown header
+  (device, versions, date, command, load average), FLOPs from XLA's cost analysis, and
+  importing a script without its absl flags;
 * a PyTorch ResNet (18/34 BasicBlock, 50/101/152 Bottleneck; CIFAR or ImageNet stem)
   laid out like ``backdoor_jax.models.ResNet``, so Flax weights load into it one to one
   (:func:`load_flax_weights`), with ``stem`` and ``layer1`` .. ``layer4`` as
@@ -89,6 +91,48 @@ def current_rss_bytes() -> int:
     return max_rss_bytes()
 
 
+def cost_flops(cost: Any) -> float | None:
+  """The ``'flops'`` entry of an XLA cost analysis, whatever shape JAX returned it in.
+
+  ``Compiled.cost_analysis()`` returns a dict in current JAX and a list with one dict
+  per executable module in older releases (and may return ``None``). In a list, the
+  first dict that has a ``'flops'`` entry is used.
+
+  Args:
+    cost: the cost analysis (a dict, a list/tuple of dicts, or ``None``).
+  Returns:
+    The FLOP count as a float, or ``None`` when there is none, or it is not a positive
+    finite number (XLA reports -1 or 0 when it could not count).
+  """
+  if isinstance(cost, (list, tuple)):
+    cost = next((c for c in cost if isinstance(c, dict) and "flops" in c), None)
+  if not isinstance(cost, dict):
+    return None
+  try:
+    flops = float(cost.get("flops"))  # type: ignore[arg-type]
+  except (TypeError, ValueError):
+    return None
+  return flops if 0 < flops < float("inf") else None
+
+
+def xla_flops(jitted: Any, *args: Any) -> float | None:
+  """FLOPs of one call of a jitted function, from XLA's cost analysis of its compiled form.
+
+  ``jitted.lower(*args).compile()`` shares JAX's compilation cache with ordinary calls,
+  so this costs no second compilation; lowering does not consume donated arguments.
+
+  Args:
+    jitted: a ``jax.jit``-wrapped function.
+    *args: the arguments of a call (arrays or pytrees of them).
+  Returns:
+    The FLOP count, or ``None`` when XLA gives none (see :func:`cost_flops`).
+  """
+  try:
+    return cost_flops(jitted.lower(*args).compile().cost_analysis())
+  except Exception:  # pylint: disable=broad-except  # a missing estimate is reported as n/a
+    return None
+
+
 def median(values: Sequence[float]) -> float:
   """Median of a non-empty sequence."""
   return statistics.median(values)
@@ -170,6 +214,34 @@ def run_worker(script: str, job: Any, timeout: int = 0) -> dict[str, Any]:
       return json.loads(line[len(_RESULT_TAG):])
   tail = [s for s in proc.stderr.splitlines() if s.strip()]
   return {"error": f"worker exited with code {proc.returncode}: {tail[-1].strip() if tail else ''}"[:300]}
+
+
+def import_script(name: str) -> Any:
+  """Imports the benchmark script ``benchmarks/<name>.py`` as a module, without its flags.
+
+  Each benchmark script defines its own absl flags at import time, and several of them
+  use the same names (``--batch``, ``--models``, ...), so two of them cannot be imported
+  into one process as they are. This imports one and removes the flags it added from
+  ``absl.flags.FLAGS``; its jobs and worker functions stay usable, its flag holders do
+  not (only its own ``main`` reads them, and that runs in the script's own process).
+
+  Args:
+    name: module name of a script in this folder, e.g. ``'gradcam_throughput'``.
+  Returns:
+    The module.
+  """
+  from absl import flags
+
+  if name in sys.modules:
+    return sys.modules[name]
+  here = os.path.dirname(os.path.abspath(__file__))
+  if here not in sys.path:
+    sys.path.insert(0, here)
+  before = set(flags.FLAGS)
+  module = importlib.import_module(name)
+  for flag_name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, flag_name)
+  return module
 
 
 def version(dist: str) -> str:

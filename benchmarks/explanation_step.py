@@ -87,6 +87,13 @@ class Job:
     lr: Adam learning rate.
     seed: weights and data seed.
     workdir: folder where the JAX worker leaves its initial weights for PyTorch.
+    dtype: JAX computation dtype, ``'float32'`` or ``'bfloat16'`` (parameters stay
+      float32); PyTorch runs float32 only.
+    compile: PyTorch only: run both networks under ``torch.compile``.
+    check: compute the first-step loss and gradient norm for the known-answer check
+      (on a GPU an extra full-precision step in JAX and an extra TF32-off pass in PyTorch).
+    sample_every: also record the current memory every this many timed steps
+      (``memory['samples']``, a list of [step, bytes]); 0: only at N and 2N.
   """
   framework: str
   model: str
@@ -100,6 +107,10 @@ class Job:
   lr: float
   seed: int
   workdir: str
+  dtype: str = "float32"
+  compile: bool = False
+  check: bool = True
+  sample_every: int = 0
 
 
 def _trigger_and_mask(size: int) -> tuple[Any, Any]:
@@ -118,10 +129,18 @@ def _weights_path(job: Job) -> str:
   return os.path.join(job.workdir, f"{job.model}_{job.layer}.npz")
 
 
-def _memory_sampler(sample: Any, steps: int, store: dict[str, Any]) -> Any:
+def _memory_sampler(sample: Any, steps: int, store: dict[str, Any], every: int = 0) -> Any:
+  """``on_step`` for ``common.time_steps``: current memory after steps N and 2N (and every ``every``)."""
   def on_step(i: int) -> None:
-    if i in (steps, 2 * steps):
-      store[f"at_{i}"] = sample()["current"]
+    at_n = i in (steps, 2 * steps)
+    periodic = every > 0 and i % every == 0
+    if not (at_n or periodic):
+      return
+    current = sample()["current"]
+    if at_n:
+      store[f"at_{i}"] = current
+    if periodic:
+      store.setdefault("samples", []).append([i, current])
   return on_step
 
 
@@ -137,6 +156,10 @@ def run_jax(job: Job) -> dict[str, Any]:
   stem = common.model_stem(job.model)
   model, variables = common.init_flax_resnet(job.model, common.num_classes(job.model), stem, job.size, job.seed)
   np.savez(_weights_path(job), **common.flatten_variables(variables))
+  if job.dtype == "bfloat16":  # computation in bfloat16, parameters stay float32
+    model = model.clone(dtype=jnp.bfloat16)
+  elif job.dtype != "float32":
+    raise ValueError(f"dtype must be float32 or bfloat16, not {job.dtype!r}")
   cfg = config_dict.ConfigDict({"optimizer": "adam", "lr": job.lr, "schedule": "constant", "epochs": 1,
                                 "warmup_epochs": 0, "weight_decay": 0.0, "trainable": ".*"})
   tx, _ = optim.make_optimizer(cfg, steps_per_epoch=1, params=variables["params"])
@@ -159,7 +182,7 @@ def run_jax(job: Job) -> dict[str, Any]:
     return {"loss": float(metrics["loss_sum"]) / n, "grad_norm": float(metrics["grad_norm_sum"]) / n}
 
   check = None
-  if not on_cpu:  # a separate full-precision step for the comparison (TF32 is the GPU default)
+  if job.check and not on_cpu:  # a separate full-precision step for the comparison (TF32 is the GPU default)
     with jax.default_matmul_precision("highest"):
       _, m = step_fn(jax.tree.map(jnp.copy, state), variables, images, labels, trigger, mask)
       check = first_metrics(m)
@@ -168,15 +191,20 @@ def run_jax(job: Job) -> dict[str, Any]:
     nonlocal state, check
     state, metrics = step_fn(state, variables, images, labels, trigger, mask)
     jax.block_until_ready((state, metrics))
-    if check is None:  # CPU: the very first step is the check (same precision)
+    if check is None and job.check:  # CPU: the very first step is the check (same precision)
       check = first_metrics(metrics)
 
   memory: dict[str, Any] = {}
   timing = common.time_steps(step, job.warmup, 2 * job.steps,
-                             _memory_sampler(common.jax_memory, job.steps, memory))
+                             _memory_sampler(common.jax_memory, job.steps, memory, job.sample_every))
   final = common.jax_memory()
   memory.update(peak=final["peak"], kind=final["kind"])
-  return {**timing, "check": check, "memory": memory, "device": common.jax_device_info()}
+  result = {**timing, "memory": memory, "device": common.jax_device_info(),
+            # cached executable: no recompilation; lowering does not consume the donated state
+            "flops": common.xla_flops(step_fn, state, variables, images, labels, trigger, mask)}
+  if check is not None:
+    result["check"] = check
+  return result
 
 
 def run_torch(job: Job) -> dict[str, Any]:
@@ -185,6 +213,8 @@ def run_torch(job: Job) -> dict[str, Any]:
   import torch
   import torch.nn.functional as F
 
+  if job.dtype != "float32":
+    raise NotImplementedError(f"the PyTorch reference runs in float32 only, not {job.dtype}")
   device, description = common.torch_device_info()
   cuda = device.type == "cuda"
   torch.backends.cudnn.benchmark = True
@@ -198,6 +228,8 @@ def run_torch(job: Job) -> dict[str, Any]:
 
   net, ref = make_net(), make_net().requires_grad_(False)
   opt = torch.optim.Adam(net.parameters(), lr=job.lr)
+  if job.compile:  # the hooks land on the original submodules, as in eager mode
+    net, ref = torch.compile(net), torch.compile(ref)
   images, labels = common.synthetic_uint8(job.batch, job.size, common.num_classes(job.model), job.seed)
   trigger, mask = _trigger_and_mask(job.size)
   images = torch.from_numpy(images).to(device)
@@ -222,12 +254,14 @@ def run_torch(job: Job) -> dict[str, Any]:
     loss.backward()
     return loss.detach()
 
-  tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-  torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-  loss = loss_and_grads()  # the check: first-step loss and gradient norm, no update
-  grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in net.parameters()))
-  check = {"loss": float(loss), "grad_norm": float(grad_norm)}
-  torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+  check = None
+  if job.check:
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    loss = loss_and_grads()  # the check: first-step loss and gradient norm, no update
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in net.parameters()))
+    check = {"loss": float(loss), "grad_norm": float(grad_norm)}
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
   def step() -> None:
     loss_and_grads()
@@ -239,10 +273,13 @@ def run_torch(job: Job) -> dict[str, Any]:
     torch.cuda.reset_peak_memory_stats()
   memory: dict[str, Any] = {}
   timing = common.time_steps(step, job.warmup, 2 * job.steps,
-                             _memory_sampler(common.torch_memory, job.steps, memory))
+                             _memory_sampler(common.torch_memory, job.steps, memory, job.sample_every))
   final = common.torch_memory()
   memory.update(peak=final["peak"], kind=final["kind"])
-  return {**timing, "check": check, "memory": memory, "device": description}
+  result = {**timing, "memory": memory, "device": description}
+  if check is not None:
+    result["check"] = check
+  return result
 
 
 def format_rows(job: Job, jax_res: dict[str, Any], torch_res: dict[str, Any]) -> list[str]:

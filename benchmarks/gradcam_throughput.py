@@ -84,6 +84,11 @@ class Job:
     check_batch: images of the map check.
     seed: weights and data seed.
     workdir: folder where the JAX worker leaves weights and check maps for PyTorch.
+    dtype: JAX computation dtype, ``'float32'`` or ``'bfloat16'`` (parameters stay
+      float32); PyTorch runs float32 only.
+    compile: PyTorch only: run the network under ``torch.compile``.
+    methods: which rows to time, from ``'layer4'`` and ``'all'`` (all five layers).
+    check: run the float64 known-answer check (JAX saves its maps, PyTorch compares).
   """
   framework: str
   model: str
@@ -94,6 +99,13 @@ class Job:
   check_batch: int
   seed: int
   workdir: str
+  dtype: str = "float32"
+  compile: bool = False
+  methods: tuple[str, ...] = ("layer4", "all")
+  check: bool = True
+
+
+_METHOD_LAYERS = {"layer4": ("layer4",), "all": common.CAM_LAYERS}
 
 
 def _inputs(job: Job) -> tuple[Any, Any]:
@@ -112,6 +124,10 @@ def run_jax(job: Job) -> dict[str, Any]:
 
   model, variables = common.init_flax_resnet(job.model, common.num_classes(job.model),
                                              common.model_stem(job.model), job.size, job.seed)
+  if job.dtype == "bfloat16":  # computation in bfloat16, parameters stay float32
+    model = model.clone(dtype=jax.numpy.bfloat16)
+  elif job.dtype != "float32":
+    raise ValueError(f"dtype must be float32 or bfloat16, not {job.dtype!r}")
   x_np, t_np = _inputs(job)
 
   def maps_fn(layers: tuple[str, ...]):
@@ -120,29 +136,34 @@ def run_jax(job: Job) -> dict[str, Any]:
     return jax.jit(fn)
 
   cb = min(job.check_batch, job.batch)
-  with jax.enable_x64(True):  # the check runs in float64 on both sides (see run_torch)
-    f64 = lambda a: jax.numpy.asarray(a, jax.numpy.float64)  # noqa: E731
-    model64 = model.clone(dtype=jax.numpy.float64)
-    check = jax.jit(lambda v, x, t: {n: r.maps for n, r in gradcam(model64.apply, v, x, t,
-                                                                   list(common.CAM_LAYERS)).items()})(
-        jax.tree.map(f64, variables), f64(x_np[:cb]), t_np[:cb])
-    check = {f"maps/{k}": np.asarray(v) for k, v in check.items()}
+  check = {}
+  if job.check:
+    with jax.enable_x64(True):  # the check runs in float64 on both sides (see run_torch)
+      f64 = lambda a: jax.numpy.asarray(a, jax.numpy.float64)  # noqa: E731
+      model64 = model.clone(dtype=jax.numpy.float64)
+      check = jax.jit(lambda v, x, t: {n: r.maps for n, r in gradcam(model64.apply, v, x, t,
+                                                                     list(common.CAM_LAYERS)).items()})(
+          jax.tree.map(f64, variables), f64(x_np[:cb]), t_np[:cb])
+      check = {f"maps/{k}": np.asarray(v) for k, v in check.items()}
   np.savez(os.path.join(job.workdir, f"{job.model}.npz"), **common.flatten_variables(variables), **check)
 
   x, t = jax.device_put(x_np), jax.device_put(t_np)
   rows = {}
-  for method, layers in (("layer4", ("layer4",)), ("all", common.CAM_LAYERS)):
-    fn = maps_fn(layers)
+  for method in job.methods:
+    fn = maps_fn(_METHOD_LAYERS[method])
     rows[method] = common.time_steps(lambda: jax.block_until_ready(fn(variables, x, t)),
                                      job.warmup, job.steps)
+    rows[method]["flops"] = common.xla_flops(fn, variables, x, t)  # cached executable: no recompilation
   return {"rows": rows, "device": common.jax_device_info(), "memory": common.jax_memory()}
 
 
 def run_torch(job: Job) -> dict[str, Any]:
-  """Checks PyTorch maps against the JAX worker's, then times hook-based Grad-CAM."""
+  """Checks PyTorch maps against the JAX worker's (``job.check``), then times hook-based Grad-CAM."""
   import numpy as np
   import torch
 
+  if job.dtype != "float32":
+    raise NotImplementedError(f"the PyTorch reference runs in float32 only, not {job.dtype}")
   device, description = common.torch_device_info()
   cuda = device.type == "cuda"
   torch.backends.cudnn.benchmark = True
@@ -154,6 +175,29 @@ def run_torch(job: Job) -> dict[str, Any]:
   x_np, t_np = _inputs(job)
   x = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous().to(device)
   t = torch.from_numpy(t_np).long().to(device)
+  check = _torch_check(job, net, x, t, saved) if job.check else None
+  if job.compile:
+    # The hooks of torch_gradcam land on the original submodules (the compiled wrapper
+    # forwards attribute access to them); dynamo traces them, breaking the graph there.
+    net = torch.compile(net)
+
+  def call(layers: tuple[str, ...]) -> None:
+    common.torch_gradcam(net, x, t, layers)
+    if cuda:
+      torch.cuda.synchronize()
+
+  rows = {}
+  for method in job.methods:
+    rows[method] = common.time_steps(lambda: call(_METHOD_LAYERS[method]), job.warmup, job.steps)
+  result = {"rows": rows, "device": description, "memory": common.torch_memory()}
+  if check is not None:
+    result["check"] = check
+  return result
+
+
+def _torch_check(job: Job, net: Any, x: Any, t: Any, saved: dict[str, Any]) -> dict[str, Any]:
+  """Per-layer max |PyTorch - JAX| of the float64 maps of the first ``check_batch`` images."""
+  import numpy as np
 
   cb = min(job.check_batch, job.batch)
   # Both sides compute the check in float64: in float32, a map built from small,
@@ -176,16 +220,7 @@ def run_torch(job: Job) -> dict[str, Any]:
       worst = max(worst, 1.0)
     check[name] = {"max_abs_diff": worst,
                    "compared": int(live.sum()), "count": int(ref.shape[0])}
-
-  def call(layers: tuple[str, ...]) -> None:
-    common.torch_gradcam(net, x, t, layers)
-    if cuda:
-      torch.cuda.synchronize()
-
-  rows = {}
-  for method, layers in (("layer4", ("layer4",)), ("all", common.CAM_LAYERS)):
-    rows[method] = common.time_steps(lambda: call(layers), job.warmup, job.steps)
-  return {"rows": rows, "check": check, "device": description, "memory": common.torch_memory()}
+  return check
 
 
 _METHOD_LABELS = {"layer4": "Grad-CAM layer4", "all": "Grad-CAM all 5 layers, one pass"}

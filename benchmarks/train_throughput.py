@@ -58,7 +58,7 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "resnet18",
                              "Zoo model for the JAX rows (backdoor_jax.models.MODEL_NAMES); the "
-                             "PyTorch reference exists for resnet18 only.")
+                             "PyTorch reference exists for the ResNets only.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch size (images per step).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed warm-up steps (compilation included), >= 1.")
@@ -79,8 +79,6 @@ _WORKER = flags.DEFINE_string("worker", None, "Internal: JSON job of one measure
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
 
@@ -100,6 +98,10 @@ class Job:
     repeats: timed repeats.
     augment: JAX only: random crop and flip inside the step.
     seed: data and initialisation seed.
+    size: input side in pixels (this script: 32).
+    stem: ``'cifar'`` or ``'imagenet'`` (this script: CIFAR); also picks the
+      normalisation statistics.
+    num_classes: logits (this script: 10).
   """
   label: str
   framework: str
@@ -112,15 +114,9 @@ class Job:
   repeats: int
   augment: bool
   seed: int
-
-
-def synthetic_batch(batch: int, seed: int) -> tuple[Any, Any]:
-  """Random uint8 NHWC images and int32 labels (identical for every row)."""
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, (batch,) + IMAGE_SHAPE, dtype=np.uint8)
-  labels = rng.integers(0, NUM_CLASSES, (batch,), dtype=np.int32)
-  return images, labels
+  size: int = IMAGE_SHAPE[0]
+  stem: str = "cifar"
+  num_classes: int = NUM_CLASSES
 
 
 def time_steps(step: Callable[[], None], warmup: int, steps: int, repeats: int) -> dict[str, Any]:
@@ -163,7 +159,7 @@ def run_jax(job: Job) -> dict[str, Any]:
   from backdoor_jax.train import steps as steps_lib
 
   dtype = jnp.bfloat16 if job.dtype == "bfloat16" else jnp.float32
-  model = models.get_model(job.model, NUM_CLASSES, stem="cifar", dtype=dtype)
+  model = models.get_model(job.model, job.num_classes, stem=job.stem, dtype=dtype)
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_global_batch(job.batch, mesh)
   train_cfg = config_dict.ConfigDict({
@@ -172,15 +168,16 @@ def run_jax(job: Job) -> dict[str, Any]:
       "trainable": ".*"})
   root = jax.random.key(job.seed)
   init_key, step_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-  input_shape = (1,) + IMAGE_SHAPE
+  input_shape = (1, job.size, job.size, 3)
   variables = models.init_variables(model, init_key, input_shape)
   tx, _ = optim.make_optimizer(train_cfg, steps_per_epoch=1, params=variables["params"])
   state = state_lib.create_train_state(model, tx, init_key, input_shape, variables=variables)
   state = mesh_lib.replicate(mesh, state)
-  spec = steps_lib.InputSpec(CIFAR10_MEAN, CIFAR10_STD, crop_padding=4 if job.augment else 0,
+  spec = steps_lib.InputSpec(*common.dataset_stats(job.stem), crop_padding=4 if job.augment else 0,
                              flip=job.augment)
   train_step = steps_lib.make_train_step(spec, step_key)
-  images, labels = mesh_lib.shard_batch(mesh, *synthetic_batch(job.batch, job.seed))
+  images, labels = mesh_lib.shard_batch(
+      mesh, *common.synthetic_uint8(job.batch, job.size, job.num_classes, job.seed))
   jax.block_until_ready((images, labels))
 
   def step() -> None:
@@ -197,6 +194,9 @@ def run_jax(job: Job) -> dict[str, Any]:
     result["memory"] = {"bytes": common.max_rss_bytes(), "kind": "process max RSS"}
   kind = devices[0].device_kind
   result["device"] = f"{len(devices)} x {devices[0].platform} ({kind})"
+  # After the timing, so that the warm-up still includes the compilation; the compiled
+  # step is cached, so this costs no second compilation.
+  result["flops"] = common.xla_flops(train_step, state, images, labels)
   return result
 
 
@@ -250,17 +250,25 @@ def run_torch(job: Job) -> dict[str, Any]:
   import torch
   import torch.nn.functional as F
 
-  if job.model != "resnet18":
-    raise NotImplementedError(f"the PyTorch reference exists for resnet18 only, not {job.model}")
+  depth = job.model[len("resnet"):] if job.model.startswith("resnet") else ""
+  if job.dtype != "float32":
+    raise NotImplementedError(f"the PyTorch reference runs in float32 only, not {job.dtype}")
+  if depth not in ("18", "34", "50", "101", "152"):
+    raise NotImplementedError(f"the PyTorch reference exists for resnet18/34/50/101/152 only, not {job.model}")
   torch.manual_seed(job.seed)
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
   torch.backends.cudnn.benchmark = True  # let cuDNN pick conv algorithms, as XLA autotunes
-  model = build_torch_resnet18(NUM_CLASSES).to(device).train()
+  if job.model == "resnet18" and job.stem == "cifar":
+    model = build_torch_resnet18(job.num_classes)
+  else:  # the Flax-like layout of common.py (PyTorch's default initialisation)
+    model = common.build_torch_resnet(int(depth), job.num_classes, job.stem)
+  model = model.to(device).train()
   opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-  images, labels = synthetic_batch(job.batch, job.seed)
-  mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-  std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+  images, labels = common.synthetic_uint8(job.batch, job.size, job.num_classes, job.seed)
+  mean_values, std_values = common.dataset_stats(job.stem)
+  mean = torch.tensor(mean_values).view(1, 3, 1, 1)
+  std = torch.tensor(std_values).view(1, 3, 1, 1)
   x = ((torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std)
   x = x.contiguous().to(device)
   y = torch.from_numpy(labels).long().to(device)

@@ -134,4 +134,4 @@ def test_bfloat16_training_keeps_float32_params(tmp_path):
   run = restore.load_run(str(tmp_path / "bfloat16"))
   assert {x.dtype for x in jax.tree_util.tree_leaves(run.variables)} == {jnp.dtype(jnp.float32)}
   with pytest.raises(ConfigError, match="train.dtype"):
-    loop.build_experiment(tiny_config(**{"train.dtype": "float16"}))
+    loop.build_experiment(tiny_config(**{"train.dtype": "float64"}))
