@@ -11,6 +11,8 @@ Call :func:`initialize` first thing in a launcher, before any other JAX call.
 from __future__ import annotations
 
 import re
+import socket
+import time
 
 from absl import logging
 
@@ -34,10 +36,11 @@ def initialize(*, auto: bool = False, coordinator_address: str = "", num_process
     process_id: this process's rank, in ``[0, num_processes)``.
     cpu_devices: > 0: expose this many CPU devices per process (simulated devices for
       tests and CPU clusters); with several processes, CPU collectives use gloo.
-    timeout_s: seconds to wait for the other processes to connect.
+    timeout_s: seconds to wait for the coordinator and for the other processes.
 
   Raises:
-    ConfigError: inconsistent settings, or the coordinator could not be reached.
+    ConfigError: inconsistent settings, or (for a process other than 0 in the explicit
+      mode) the coordinator could not be reached within ``timeout_s``.
   """
   import jax
 
@@ -61,6 +64,8 @@ def initialize(*, auto: bool = False, coordinator_address: str = "", num_process
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only if the devices are CPUs
   if not (explicit or auto):
     return
+  if explicit and process_id > 0:
+    _wait_for_coordinator(coordinator_address, timeout_s)
   kwargs = ({"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
             if explicit else {})
   try:
@@ -72,3 +77,23 @@ def initialize(*, auto: bool = False, coordinator_address: str = "", num_process
     logging.set_verbosity(logging.WARNING)  # only process 0 logs progress
   logging.info("process %d of %d: %d local and %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Waits until process 0's coordinator accepts connections, or raises ConfigError.
+
+  JAX aborts the whole process (a C++ fatal error, no Python exception) when it cannot
+  reach the coordinator, so a process other than 0 checks the address first.
+  """
+  host, port = address.rsplit(":", 1)
+  host = host.strip("[]")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=2.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ConfigError(f"cannot reach the coordinator {address} within {timeout_s:g} s ({e.strerror or e}); "
+                          "start process 0 first, and check --coordinator_address and the firewall") from None
+      time.sleep(0.5)

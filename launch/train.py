@@ -21,6 +21,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "",
                                    "--num_processes and --process_id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run (explicit multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's rank (explicit multi-process).")
+_TIMEOUT = flags.DEFINE_integer("coordinator_timeout", 300,
+                                "Seconds to wait for the coordinator and the other processes.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0,
                                     "Simulated CPU devices per process (0: platform default); for tests.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -33,7 +35,7 @@ def main(argv):
   cli.quiet_library_logs()
   cli.run_or_exit(lambda: distributed.initialize(
       auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-      process_id=_PROCESS_ID.value, cpu_devices=_CPU_DEVICES.value))
+      process_id=_PROCESS_ID.value, cpu_devices=_CPU_DEVICES.value, timeout_s=_TIMEOUT.value))
   from backdoor_jax.train import loop
   config = _CONFIG.value
   if config.get("recipe", "badnets") == "badnets":

@@ -91,3 +91,13 @@ def test_bad_cluster_flags_are_one_line_errors():
     distributed.initialize(auto=True, coordinator_address="localhost:1234", num_processes=2, process_id=0)
   with pytest.raises(ConfigError, match="--cpu_devices=-1"):
     distributed.initialize(cpu_devices=-1)
+
+
+def test_unreachable_coordinator_is_one_line_error(tmp_path):
+  port = _free_port()  # nobody listens there
+  r = subprocess.run(_cmd(tmp_path / "w", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                          "--process_id=1", "--coordinator_timeout=2"), cwd=REPO, capture_output=True,
+                     text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert f"error: cannot reach the coordinator localhost:{port} within 2 s" in r.stderr
+  assert not (tmp_path / "w").exists()  # failed before anything was written
