@@ -9,11 +9,13 @@ configs/defenses.py (any key can be overridden with --config.SECTION.KEY=VALUE).
 """
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "defenses.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Defense settings file.", lock_config=True)
+# No default here: ml_collections would load it (and fail on a bad override) at import time; run_app passes it.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Defense settings file (default: configs/defenses.py).",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training work dir (config.json + checkpoints/).")
 _DEFENSE = flags.DEFINE_string("defense", None, "Defense name, or 'all'.")
 flags.mark_flags_as_required(["workdir", "defense"])
@@ -36,4 +38,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from backdoor_jax import cli, config_checks
+  cli.run_app(main, default_config=_DEFAULT_CONFIG, check=config_checks.check_defense_config)

@@ -8,7 +8,7 @@ Writes gradcam_clean_vs_triggered.png, layers.png, feature_maps.png and explain.
 data; its Grad-CAM is shown and scored on the same images.
 """
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training work dir (config.json + checkpoints/).")
 _REFERENCE = flags.DEFINE_string("reference", None, "Work dir of a clean-trained run on the same data.")
@@ -42,4 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from backdoor_jax import cli
+  cli.run_app(main)

@@ -12,7 +12,7 @@ classes replaces the head anyway (reported at start).
 import hashlib
 import os
 
-from absl import app, flags
+from absl import flags
 
 _ARCH = flags.DEFINE_string("arch", None, "torchvision architecture, e.g. resnet50, vgg19_bn, densenet121.")
 _SRC = flags.DEFINE_string("src", None, "state_dict file (.pth, .pt, .bin or .safetensors).")
@@ -59,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from backdoor_jax import cli
+  cli.run_app(main)

@@ -8,7 +8,7 @@ r"""Trains every cell of a sweep config and writes results.csv and report/.
 Rerunning the same command on the same --workdir skips the finished cells (and resumes
 the group that was training from its last epoch checkpoint).
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file (path[:variant]).",
@@ -41,4 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from backdoor_jax import cli
+  cli.run_app(main)

@@ -54,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from backdoor_jax import cli
+  cli.run_app(main)

@@ -9,7 +9,7 @@ Trains on the training split only, with random bit strings; the saved trigger hi
 fixed bit string drawn from --seed. Prints the decoder's bit accuracy and the PSNR of
 encoded vs clean images (and of the saved trigger on the test split).
 """
-from absl import app, flags
+from absl import flags
 
 _OUT = flags.DEFINE_string("out", None, "Output .npz (the encoder, the bit string, the image size).")
 _DATASET = flags.DEFINE_string("dataset", "digits", "Dataset name (see backdoor_jax.data).")
@@ -59,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from backdoor_jax import cli
+  cli.run_app(main)

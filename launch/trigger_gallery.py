@@ -11,7 +11,7 @@ dataset (images the trigger leaves unchanged are left out of the mean).
 """
 import os
 
-from absl import app, flags
+from absl import flags
 
 _OUT = flags.DEFINE_string("out", "docs/triggers.png", "Output PNG.")
 _GTSRB = flags.DEFINE_string("gtsrb", os.path.join("..", "shared", "data", "gtsrb32.npz"),
@@ -86,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from backdoor_jax import cli
+  cli.run_app(main)
