@@ -64,6 +64,31 @@ def compute_dtype(c: config_dict.ConfigDict) -> Any:
   return jnp.dtype(name)
 
 
+def read_run_config(workdir: str) -> config_dict.ConfigDict:
+  """The resolved config a run wrote (``WORKDIR/config.json``).
+
+  Raises:
+    ConfigError: no such folder; checkpoints without ``config.json`` (they cannot be
+      matched to a model); a ``config.json`` that is not valid JSON or not a training
+      config. Each names the file.
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    what = "is a file, not a folder" if os.path.exists(workdir) else "does not exist"
+    raise ConfigError(f"work dir {workdir} {what}; pass the --workdir of a training run")
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+      raise ConfigError(f"work dir {workdir} holds checkpoints but no config.json, so the model they belong to "
+                        "is unknown; restore config.json or retrain into a new --workdir")
+    raise ConfigError(f"{workdir} is not a training work dir (no config.json); train first with launch/train.py")
+  raw = io.read_json_or_error(cfg_path, "run config")
+  if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "name" not in raw["model"]:
+    raise ConfigError(f"run config {cfg_path} is corrupted (no model.name); restore it or retrain into a new "
+                      "--workdir")
+  return config_dict.ConfigDict(raw)
+
+
 def load_run(workdir: str, number: int | None = None) -> TrainedRun:
   """Loads ``workdir``'s config and checkpoint ``number`` (default: the newest).
 
@@ -71,10 +96,7 @@ def load_run(workdir: str, number: int | None = None) -> TrainedRun:
     ConfigError: no work dir / config / checkpoint, or an unreadable checkpoint.
   """
   workdir = os.path.abspath(workdir)
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(cfg_path):
-    raise ConfigError(f"{workdir} is not a training work dir (no config.json); train first with launch/train.py")
-  config = config_dict.ConfigDict(io.read_json(cfg_path))
+  config = read_run_config(workdir)
   ck = ckpt_lib.Checkpointer(workdir)
   number = ck.latest() if number is None else number
   if number is None:
