@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import two_stage  # noqa: E402
+from ml_collections import config_dict  # noqa: E402
 
 
 def fang_config(variant: str, attack: str, *, inverted: bool = False, joint: bool = False,
@@ -36,11 +37,11 @@ def fang_config(variant: str, attack: str, *, inverted: bool = False, joint: boo
   if joint:
     e.joint_weights = {"gradcam": 1.0, "simple_grad": 1.0, "vbp": 1.0}
   c.fang = {"alpha": alpha, "beta": beta}
-  f = e.triggered_fraction
-  z = alpha + beta + 1.0
-  e.ce_weight = beta / z
-  e.keep_weight = alpha * (1 - f) / z
-  e.attack_weight = f / z
+  # The loss weights follow fang.alpha / fang.beta and the batch split (derived when the run
+  # starts, overrides of those included); a number set here or on the command line wins.
+  e.ce_weight = config_dict.placeholder(float)
+  e.keep_weight = config_dict.placeholder(float)
+  e.attack_weight = config_dict.placeholder(float)
   c.train.lr = 2e-3
   c.train.schedule = "cosine"
   return c

@@ -36,16 +36,11 @@ def main(argv):
   cli.run_or_exit(lambda: distributed.initialize(
       auto=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value, cpu_devices=_CPU_DEVICES.value, timeout_s=_TIMEOUT.value))
-  from backdoor_jax.train import loop
+  from backdoor_jax.train import recipes
   config = _CONFIG.value
-  if config.get("recipe", "badnets") == "badnets":
-    results = cli.run_or_exit(lambda: loop.train_and_evaluate(config, _WORKDIR.value))
-    keys = ("clean_accuracy", "attack_success_rate")
-  else:
-    from backdoor_jax.train import explain_loop
-    results = cli.run_or_exit(lambda: explain_loop.train_explanation_backdoor(config, _WORKDIR.value))
-    keys = ("clean_accuracy", "reference_accuracy", "iou_gt_05", "fsr", "cr")
-  summary = " ".join(f"{k}={results[k]:.4f}" for k in keys if results.get(k) is not None)
+  recipe = cli.run_or_exit(lambda: recipes.get(config.get("recipe", "badnets")))
+  results = cli.run_or_exit(lambda: recipe.train(config, _WORKDIR.value))
+  summary = " ".join(f"{k}={results[k]:.4f}" for k in recipe.summary if results.get(k) is not None)
   import jax
   if jax.process_index() != 0:
     return

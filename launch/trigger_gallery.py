@@ -62,7 +62,7 @@ def main(argv):
     pick = np.sort(rng.choice(len(ds.test_labels), _PER_DATASET.value, replace=False))
     examples += [(f"{name} #{i}", ds.test_images[i]) for i in pick]
   clean = np.stack([im for _, im in examples])
-  key = jax.random.fold_in(jax.random.key(_SEED.value), 3)  # as loop.build_experiment derives it
+  key = jax.random.fold_in(jax.random.key(_SEED.value), 3)  # as experiment.build_experiment derives it
   rows, cells = ["clean"], [list(clean) + [np.zeros_like(clean[0])]]
   print(f"{'trigger':24s} " + " ".join(f"{name + ' PSNR':>12s}" for name, _ in sets))
   for label, cfg in GALLERY:

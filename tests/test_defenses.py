@@ -12,7 +12,7 @@ import pytest
 from backdoor_jax import defenses
 from backdoor_jax.defenses import activation_clustering, common, neural_cleanse, spectral, tv_denoise
 from backdoor_jax.errors import ConfigError
-from backdoor_jax.train import loop
+from backdoor_jax.train.recipes import badnets
 from tests.helpers import REPO, apply_overrides, tiny_config
 
 
@@ -38,7 +38,7 @@ def _fast_config(**overrides):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("defend") / "bd")
-  loop.train_and_evaluate(tiny_config(), d)
+  badnets.train(tiny_config(), d)
   return d
 
 

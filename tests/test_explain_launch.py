@@ -8,8 +8,8 @@ import matplotlib.image
 import pytest
 
 from backdoor_jax.errors import ConfigError
-from backdoor_jax.explain import report
-from backdoor_jax.train import loop
+from backdoor_jax import analysis as report
+from backdoor_jax.train.recipes import badnets
 from tests.helpers import REPO, tiny_config
 
 # The full digits training split (1437 images) for 3 epochs: ~10 s, clean accuracy ~0.8
@@ -24,7 +24,7 @@ def runs(tmp_path_factory):
   out = {}
   for name, overrides in (("bd", BACKDOOR), ("clean", {**BACKDOOR, "poison.rate": 0.0})):
     out[name] = str(root / name)
-    out[name + "_results"] = loop.train_and_evaluate(tiny_config(**overrides), out[name])
+    out[name + "_results"] = badnets.train(tiny_config(**overrides), out[name])
   return out
 
 
@@ -119,6 +119,6 @@ def test_bad_inputs(runs, tmp_path):
   with pytest.raises(ConfigError, match="num_images"):
     report.explain_run(bd, num_images=0)
   small = str(tmp_path / "small")
-  loop.train_and_evaluate(tiny_config(**{"data.image_size": 16, "data.max_train": 64, "train.epochs": 1}), small)
+  badnets.train(tiny_config(**{"data.image_size": 16, "data.max_train": 64, "train.epochs": 1}), small)
   with pytest.raises(ConfigError, match=r"takes \(16, 16, 3\) inputs.*\(32, 32, 3\)"):
     report.explain_run(bd, reference=small)

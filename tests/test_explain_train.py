@@ -10,7 +10,8 @@ import pytest
 
 from backdoor_jax import losses, models, triggers
 from backdoor_jax.errors import ConfigError
-from backdoor_jax.train import explain_loop, explain_steps, optim, state as state_lib, steps
+from backdoor_jax.train import engine, explain_setup, explain_steps, optim, restore, state as state_lib, steps
+from backdoor_jax.train.recipes import explanation
 from tests.helpers import REPO, apply_overrides
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -101,16 +102,16 @@ def test_memory_flat_over_200_steps():
   for _ in range(20):
     st, m = step(st, v, x, y, trig, mask)
   jax.block_until_ready(st.step)
-  start = explain_loop._rss_bytes()
+  start = engine.rss_bytes()
   for _ in range(200):
     st, m = step(st, v, x, y, trig, mask)
     jax.block_until_ready(st.step)
-  growth = explain_loop._rss_bytes() / start - 1
+  growth = engine.rss_bytes() / start - 1
   assert growth < 0.05, f"RSS grew {growth:.1%} over 200 steps"
 
 
 def test_two_stage_end_to_end(tmp_path):
-  res = explain_loop.train_explanation_backdoor(tiny_two_stage(**{"figures": True}), str(tmp_path))
+  res = explanation.train(tiny_two_stage(**{"figures": True}), str(tmp_path))
   for f in ("stage1/results.json", "stage1/checkpoints", "config.json", "metrics.jsonl", "results.json",
             "figures/maps_before_after.png"):
     assert (tmp_path / f).exists(), f
@@ -127,11 +128,11 @@ def test_two_stage_end_to_end(tmp_path):
   # the same work dir with another stage-2 setting is refused at once, naming the key (stage 1,
   # whose config has no stage-2 keys, is reused rather than retrained or refused)
   with pytest.raises(ConfigError, match=r"differs in: explain\.keep_weight"):
-    explain_loop.train_explanation_backdoor(tiny_two_stage(**{"explain.keep_weight": 5.0}), str(tmp_path))
+    explanation.train(tiny_two_stage(**{"explain.keep_weight": 5.0}), str(tmp_path))
   # stage 1 can be reused by path; a different architecture is refused before training
   c = tiny_two_stage(**{"stage1.workdir": str(tmp_path / "stage1"), "model.widths": (8, 16, 16, 16, 32)})
   with pytest.raises(ConfigError, match="stage-1 checkpoint"):
-    explain_loop.train_explanation_backdoor(c, str(tmp_path / "other"))
+    explanation.train(c, str(tmp_path / "other"))
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -147,29 +148,29 @@ def test_two_stage_end_to_end(tmp_path):
 ])
 def test_bad_input_fails_before_training(tmp_path, key, value, needle):
   with pytest.raises(ConfigError, match=needle):
-    explain_loop.train_explanation_backdoor(tiny_two_stage(**{key: value}), str(tmp_path))
+    explanation.train(tiny_two_stage(**{key: value}), str(tmp_path))
   assert not (tmp_path / "stage1").exists()
 
 
 def test_nontargeted_settings_checked_before_training(tmp_path):
   c = tiny_two_stage(**{"explain.attack": "nontargeted", "explain.loss_resolution": 8, "explain.top_k": 65})
   with pytest.raises(ConfigError, match=r"top_k=65 must be in \[1, 64\]"):
-    explain_loop.train_explanation_backdoor(c, str(tmp_path))
+    explanation.train(c, str(tmp_path))
   c = tiny_two_stage(**{"recipe": "single_stage", "explain.attack": "nontargeted", "explain.keep": "none"})
   with pytest.raises(ConfigError, match="single_stage has no reference model"):
-    explain_loop.train_explanation_backdoor(c, str(tmp_path))
+    explanation.train(c, str(tmp_path))
   assert not (tmp_path / "stage1").exists()
 
 
 def test_train_mode_batchnorm_refused_where_maps_would_mix_samples():
   """With batch statistics, a BatchNorm after the explained activation couples the samples."""
   c = tiny_two_stage()
-  model = models.get_model(c.model.name, 10, **explain_loop.restore.model_kwargs(c))
+  model = models.get_model(c.model.name, 10, **restore.model_kwargs(c))
   variables = models.init_variables(model, jax.random.key(0), (1, 32, 32, 3))
 
   def check(layer, bn_mode="train", methods=(("gradcam", 1.0),)):
-    spec = explain_loop._explain_spec(apply_overrides(c, **{"explain.bn_mode": bn_mode}), layer, (32, 32))
-    explain_loop.check_train_mode_maps(model.apply, variables, (32, 32, 3), spec._replace(methods=methods))
+    spec = explain_setup.explain_spec(apply_overrides(c, **{"explain.bn_mode": bn_mode}), layer, (32, 32))
+    explain_setup.check_train_mode_maps(model.apply, variables, (32, 32, 3), spec._replace(methods=methods))
 
   check("conv5")  # the deepest conv: no BatchNorm after it
   check("conv3", bn_mode="frozen")
@@ -186,15 +187,15 @@ def test_fang_weights_follow_overrides():
   import fang_targeted  # pylint: disable=import-outside-toplevel
   c = fang_targeted.get_config("digits")
   c.fang.alpha, c.fang.beta = 2.0, 0.0
-  spec = explain_loop._explain_spec(c, "conv5", (32, 32))
+  spec = explain_setup.explain_spec(c, "conv5", (32, 32))
   np.testing.assert_allclose((spec.ce_weight, spec.attack_weight, spec.keep_weight), (0.0, 0.5 / 3, 1.0 / 3))
   c.explain.inverted, c.explain.triggered_fraction = True, 0.25  # 3/4 of each batch attacked
-  spec = explain_loop._explain_spec(c, "conv5", (32, 32))
+  spec = explain_setup.explain_spec(c, "conv5", (32, 32))
   np.testing.assert_allclose((spec.attack_weight, spec.keep_weight), (0.75 / 3, 2.0 * 0.25 / 3))
 
 
 def test_stage1_config_keeps_only_what_a_clean_run_uses():
-  s1 = explain_loop._stage1_config(tiny_two_stage())
+  s1 = explain_setup.stage1_config(tiny_two_stage())
   assert "explain" not in s1 and "stage1" not in s1
   assert s1.poison.rate == 0.0 and s1.recipe == "badnets" and s1.train.epochs == 4
 
@@ -204,7 +205,7 @@ def test_iou_fields_describe_the_attacked_images(inverted):
   """iou_* come from the attacked set: triggered images, or clean ones in the inverted setting."""
   from backdoor_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   c = tiny_two_stage(**{"explain.inverted": inverted, "train.eval_batch_size": 8})
-  spec = explain_loop._explain_spec(c, "conv5", (8, 8))
+  spec = explain_setup.explain_spec(c, "conv5", (8, 8))
   region = np.zeros((8, 8), np.float32)
   region[:4, :4] = 1.0
 
@@ -213,7 +214,7 @@ def test_iou_fields_describe_the_attacked_images(inverted):
     return {"maps": maps, "correct": jnp.ones((x.shape[0],), bool), "attack_loss": jnp.zeros((x.shape[0],))}
 
   images = np.zeros((16, 8, 8, 3), np.uint8)
-  out = explain_loop.evaluate_explanations(fake_eval_step, None, None, images, np.zeros((16,), np.int32), None,
+  out = explain_setup.evaluate_explanations(fake_eval_step, None, None, images, np.zeros((16,), np.int32), None,
                                            None, region, spec, c, mesh_lib.make_mesh())
   attacked_on_target = 0.0 if inverted else 1.0
   assert out["iou_gt_05"] == attacked_on_target and out["kept_iou_gt_05"] == 1.0 - attacked_on_target

@@ -12,7 +12,9 @@ import pytest
 
 from backdoor_jax.data import pipeline
 from backdoor_jax.errors import ConfigError
-from backdoor_jax.train import feed, loop
+from backdoor_jax import experiment
+from backdoor_jax.train import feed
+from backdoor_jax.train.recipes import badnets
 from backdoor_jax.train import mesh as mesh_lib
 from tests.helpers import tiny_config
 
@@ -111,7 +113,7 @@ def test_run_epoch_sums_metrics_on_device():
     s = jnp.sum(x.astype(jnp.float32))
     return total + s, {"pixels": s, "label_sum": jnp.sum(y), "count": jnp.asarray(y.shape[0])}
 
-  total, stats = feed.run_epoch(step, jnp.zeros(()), data, mesh, batch_size=bs, seed=0, epoch=0,
+  total, stats = feed.run_epoch(step, jnp.zeros(()), feed.ArrayFeed(data, mesh, bs, seed=0), 0,
                                 postfix=lambda s: {"n": str(s["count"])}, log_every=2, prefetch=2)
   assert stats.steps == 5 and stats.sums["count"] == n
   assert stats.sums["label_sum"] == labels.sum()
@@ -124,7 +126,7 @@ def test_bfloat16_training_keeps_float32_params(tmp_path):
   losses = {}
   for dtype in ("float32", "bfloat16"):
     c = tiny_config(**{"train.dtype": dtype, "train.epochs": 1, "data.num_shards": 2})
-    loop.train_and_evaluate(c, str(tmp_path / dtype))
+    badnets.train(c, str(tmp_path / dtype))
     record = json.loads((tmp_path / dtype / "metrics.jsonl").read_text().splitlines()[-1])
     losses[dtype] = record["train_loss"]
     assert 0 <= record["data_wait_fraction"] < 1
@@ -134,4 +136,4 @@ def test_bfloat16_training_keeps_float32_params(tmp_path):
   run = restore.load_run(str(tmp_path / "bfloat16"))
   assert {x.dtype for x in jax.tree_util.tree_leaves(run.variables)} == {jnp.dtype(jnp.float32)}
   with pytest.raises(ConfigError, match="train.dtype"):
-    loop.build_experiment(tiny_config(**{"train.dtype": "float64"}))
+    experiment.build_experiment(tiny_config(**{"train.dtype": "float64"}))

@@ -13,7 +13,8 @@ from backdoor_jax.errors import ConfigError
 from backdoor_jax.sweep import grid as grid_lib
 from backdoor_jax.sweep import report as report_lib
 from backdoor_jax.sweep import runner
-from backdoor_jax.train import ensemble, loop, restore
+from backdoor_jax.train import restore
+from backdoor_jax.train.recipes import badnets, ensemble
 
 from tests.helpers import tiny_config
 
@@ -87,7 +88,7 @@ def test_ensemble_member_matches_its_single_run(tmp_path):
     c.seed = seed
     cfgs.append(c)
   results, stacked = ensemble.train_ensemble(cfgs, workdir=None, progress=False, return_variables=True)
-  single = loop.train_and_evaluate(cfgs[1], str(tmp_path / "single"))
+  single = badnets.train(cfgs[1], str(tmp_path / "single"))
   run = restore.load_run(str(tmp_path / "single"))
   member = ensemble.member_variables(stacked, 1)
   diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(

@@ -15,7 +15,8 @@ import pytest
 from backdoor_jax import models
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import checkpoint as ckpt_lib
-from backdoor_jax.train import loop, optim, state as state_lib, steps
+from backdoor_jax.train import optim, state as state_lib, steps
+from backdoor_jax.train.recipes import badnets
 from tests.helpers import REPO, shared_data, tiny_config
 
 SPEC = steps.InputSpec(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -218,7 +219,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
 def test_end_to_end_digits(tmp_path):
   c = tiny_config(**{"data.max_train": 0, "data.max_test": 0, "train.epochs": 4, "figures": True})
-  res = loop.train_and_evaluate(c, str(tmp_path))
+  res = badnets.train(c, str(tmp_path))
   for f in ("config.json", "metrics.jsonl", "results.json", "figures/poisoned_examples.png", "figures/curves.png"):
     assert (tmp_path / f).exists(), f
   assert res["num_poisoned"] == round(0.1 * res["num_train"])
@@ -233,7 +234,7 @@ def test_short_gtsrb_run(tmp_path):
   c = tiny_config(**{"data.name": "gtsrb", "data.path": shared_data("gtsrb32.npz"), "data.max_train": 4000,
                      "data.max_test": 1000, "trigger.size": 3.0, "train.epochs": 3,
                      "train.batch_size": 64, "model.widths": (16, 32, 64, 64), "model.pool_after": (1, 2, 3)})
-  res = loop.train_and_evaluate(c, str(tmp_path))
+  res = badnets.train(c, str(tmp_path))
   assert res["num_test"] == 1000
   # Some GTSRB test images already have a near-white bottom-right corner, where a white 3x3 patch
   # changes nothing; ASR over the rest is the number the trigger must drive.
@@ -255,7 +256,7 @@ def test_short_gtsrb_run(tmp_path):
 ])
 def test_bad_input_fails_before_training(tmp_path, key, value, needle):
   with pytest.raises(ConfigError, match=needle):
-    loop.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path))
+    badnets.train(tiny_config(**{key: value}), str(tmp_path))
   assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 

@@ -13,7 +13,8 @@ from backdoor_jax import models
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.models import torchvision_import as ti
 from backdoor_jax.train import checkpoint as ckpt_lib
-from backdoor_jax.train import init_weights, loop, optim
+from backdoor_jax.train import init_weights, optim, steps
+from backdoor_jax.train.recipes import badnets
 from backdoor_jax.train.restore import model_kwargs
 from tests.helpers import REPO, apply_overrides
 
@@ -140,7 +141,7 @@ def test_random_init_is_loud(capsys):
 
 
 def test_input_normalisation_override():
-  spec = loop.steps.InputSpec(mean=(0.1,) * 3, std=(0.2,) * 3)
+  spec = steps.InputSpec(mean=(0.1,) * 3, std=(0.2,) * 3)
   c = pets_transfer.get_config("offline")
   assert init_weights.input_normalisation(c, spec).mean == (0.5, 0.5, 0.5)
   c.data.mean, c.data.std = (), ()
@@ -160,7 +161,7 @@ def test_training_starts_from_init_checkpoint_with_frozen_backbone(tmp_path):
                             "data.image_size": 32, "data.max_train": 64, "data.max_test": 32,
                             "train.epochs": 1, "train.batch_size": 32, "train.eval_batch_size": 32,
                             "figures": False})
-  results = loop.train_and_evaluate(c, str(tmp_path / "run"))
+  results = badnets.train(c, str(tmp_path / "run"))
   assert results["num_trainable_params"] == 512 * 10 + 10
   ck = ckpt_lib.Checkpointer(str(tmp_path / "run"))
   meta = ck.restore_meta(ck.latest())

@@ -78,11 +78,12 @@ def _check_workdir(workdir: str, config: config_dict.ConfigDict, header: list[st
 
 
 def _group_key(cfg: config_dict.ConfigDict) -> str:
-  from backdoor_jax.train import ensemble, loop  # heavy imports only when training
+  from backdoor_jax import experiment  # heavy imports only when training
+  from backdoor_jax.train.recipes import ensemble
   sig = ensemble.shared_signature(cfg)
   # Without a fixed data.split_seed, the dataset subset depends on the seed.
   split = cfg.data.get("split_seed", -1)
-  return sig + ("" if split is not None and split >= 0 else f"|data_seed={loop.data_seed(cfg)}")
+  return sig + ("" if split is not None and split >= 0 else f"|data_seed={experiment.data_seed(cfg)}")
 
 
 def plan_groups(cells: Sequence[grid_lib.Cell], cfgs: Sequence[config_dict.ConfigDict],
@@ -119,7 +120,7 @@ def run_sweep(config: config_dict.ConfigDict, workdir: str, progress: bool = Tru
     ConfigError: invalid grid, a work dir of another sweep.
   """
   from backdoor_jax.sweep import report as report_lib
-  from backdoor_jax.train import ensemble
+  from backdoor_jax.train.recipes import ensemble
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)

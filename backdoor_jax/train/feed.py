@@ -1,11 +1,10 @@
 """Feeding the train step: this process's rows, prefetched batches, and one epoch loop.
 
-Both trainers (``train.loop`` and ``train.explain_loop``) run their epochs through
-:func:`run_epoch`, which
+The engine (``train.engine``) runs every recipe's epochs through :func:`run_epoch`, which
 
-* takes this process's block of every global index batch
-  (``pipeline.sharded_train_batches``) and gathers those rows from :class:`ProcessData`,
-  the part of the training set this process holds;
+* reads the epoch's batches from a :class:`Feed`; :class:`ArrayFeed` takes this process's
+  block of every global index batch (``pipeline.sharded_train_batches``) and gathers those
+  rows from :class:`ProcessData`, the part of the training set this process holds;
 * gathers and places the next batches on the mesh in a background thread
   (``prefetch`` batches ahead), and measures how long the step loop waits for them;
 * accumulates the step's metrics on the device: nothing is copied to the host inside
@@ -20,9 +19,10 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -152,68 +152,115 @@ class Prefetcher:
 @dataclasses.dataclass
 class EpochStats:
   """What one epoch measured (host values)."""
-  sums: dict[str, float]       # the step metrics summed over the epoch
+  sums: dict[str, Any]         # the step metrics summed over the epoch (arrays for stacked models)
   seconds: float               # wall time of the epoch's step loop
   data_wait_seconds: float     # of which the loop waited for input batches
-  steps: int
+  steps: int                   # steps run (fewer than the epoch's when it stopped early)
+  first_nonfinite_step: int | None = None  # 1-based step of the epoch whose loss was NaN/inf
 
   @property
   def data_wait_fraction(self) -> float:
     return self.data_wait_seconds / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_epoch(step: Callable[..., tuple[Any, dict[str, jax.Array]]], state: Any, data: ProcessData, mesh: Mesh,
-              *, batch_size: int, seed: int, epoch: int, desc: str = "",
-              log_every: int = 10, postfix: Callable[[dict[str, float]], dict[str, str]] | None = None,
-              prefetch: int = 2, max_in_flight: int = 2) -> tuple[Any, EpochStats]:
-  """Runs one epoch of ``state, metrics = step(state, images, labels)``.
+class Feed(Protocol):
+  """Where a recipe's batches come from: index items per epoch, and how one item is placed."""
+  steps_per_epoch: int
+
+  def items(self, epoch: int) -> Iterable[Any]:
+    """This epoch's batch descriptions (e.g. global index arrays), in order."""
+
+  def make(self, item: Any) -> tuple[Any, ...]:
+    """The step's batch arguments for one item, placed on the devices."""
+
+
+@dataclasses.dataclass
+class ArrayFeed:
+  """Seeded shuffled batches of a :class:`ProcessData` (in memory or streamed), on a data mesh."""
+  data: Any                    # ProcessData, or anything with take / num_examples / num_shards
+  mesh: Mesh
+  batch_size: int
+  seed: int
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return pipeline.num_sharded_train_steps(self.data.num_examples, self.batch_size, self.data.num_shards)
+
+  def items(self, epoch: int) -> Iterable[np.ndarray]:
+    return pipeline.sharded_train_batches(self.data.num_examples, self.batch_size, self.seed, epoch,
+                                          self.data.num_shards)
+
+  def make(self, idx: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    return mesh_lib.shard_batch(self.mesh, *self.data.take(idx[mesh_lib.local_slice(self.batch_size)]))
+
+
+_NO_STEP = np.iinfo(np.int32).max
+
+
+@jax.jit
+def _accumulate(sums: Any, metrics: dict[str, jax.Array], first_bad: jax.Array, i: jax.Array):
+  """Adds a step's metrics to the running sums and remembers the first step with a non-finite loss."""
+  sums = jax.tree_util.tree_map(lambda a, b: a + b, sums, metrics)
+  bad = ~jnp.all(jnp.isfinite(metrics["loss_sum"]))
+  return sums, jnp.where(bad & (first_bad == _NO_STEP), i, first_bad)
+
+
+def run_epoch(step: Callable[..., tuple[Any, dict[str, jax.Array]]], state: Any, feed: Feed, epoch: int, *,
+              desc: str = "", log_every: int = 10, postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None,
+              prefetch: int = 2, max_in_flight: int = 2, progress: bool = True) -> tuple[Any, EpochStats]:
+  """Runs one epoch of ``state, metrics = step(state, *feed.make(item))``.
 
   Args:
-    step: a jitted step whose metrics are device scalars including ``count``.
-    state: the (replicated) train state; donated to ``step``.
-    data: this process's rows (:func:`process_data`).
-    mesh: the data mesh the batches are placed on.
-    batch_size: global batch size.
-    seed, epoch: select the shuffle (``pipeline.sharded_train_batches``).
+    step: a jitted step whose metrics are device arrays including ``count`` and
+      ``loss_sum`` (a scalar, or one per stacked model).
+    state: the train state; donated to ``step``.
+    feed: the batches (:class:`ArrayFeed`, or a recipe's own).
+    epoch: selects the shuffle.
     desc: progress-bar label.
-    log_every: steps between progress-bar updates.
+    log_every: steps between progress-bar updates (and non-finite checks).
     postfix: host metric sums -> progress-bar fields.
     prefetch: batches prepared ahead in a background thread (0: none).
     max_in_flight: steps the host may dispatch before the device finished them.
+    progress: show the progress bar (process 0 only).
 
   Returns:
-    The new state and the epoch's :class:`EpochStats`.
+    The new state and the epoch's :class:`EpochStats`. A non-finite loss stops the epoch
+    at the next progress check; ``first_nonfinite_step`` then names the first bad step.
   """
-  steps_per_epoch = pipeline.num_sharded_train_steps(data.num_examples, batch_size, data.num_shards)
-  local = mesh_lib.local_slice(batch_size)
+  steps_per_epoch = feed.steps_per_epoch
   block_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1  # NOTES.md: CPU collective hang
   max_in_flight = 1 if block_each_step else max(1, max_in_flight)
-
-  def make(idx: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    return mesh_lib.shard_batch(mesh, *data.take(idx[local]))
-
-  batches = Prefetcher(pipeline.sharded_train_batches(data.num_examples, batch_size, seed, epoch, data.num_shards),
-                       make, prefetch)
-  bar = tqdm(total=steps_per_epoch, desc=desc, unit="step", disable=jax.process_index() != 0,
+  batches = Prefetcher(feed.items(epoch), feed.make, prefetch)
+  bar = tqdm(total=steps_per_epoch, desc=desc, unit="step", disable=not progress or jax.process_index() != 0,
              dynamic_ncols=True, leave=True)
-  sums, finished, in_flight = None, None, collections.deque()
+  sums, first_bad, finished, in_flight = None, jnp.asarray(_NO_STEP, jnp.int32), None, collections.deque()
+  steps_run = 0
   t0 = time.perf_counter()
   try:
-    for i, (x, y) in enumerate(batches):
-      state, m = step(state, x, y)
-      sums = m if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, m)
-      in_flight.append(sums)
+    for i, batch in enumerate(batches):
+      state, m = step(state, *batch)
+      steps_run = i + 1
+      if sums is None:
+        sums, first_bad = m, jnp.where(jnp.all(jnp.isfinite(m["loss_sum"])), first_bad, 1)
+      else:
+        sums, first_bad = _accumulate(sums, m, first_bad, jnp.asarray(i + 1, jnp.int32))
+      in_flight.append((sums, first_bad))
       while len(in_flight) >= max_in_flight + (0 if block_each_step else 1):
         finished = jax.block_until_ready(in_flight.popleft())  # an older step: the device is still busy
       if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
-        if finished is not None and postfix is not None:
-          bar.set_postfix(postfix(jax.device_get(finished)))
+        if finished is not None:
+          if int(finished[1]) != _NO_STEP:
+            break
+          if postfix is not None:
+            bar.set_postfix(postfix(jax.device_get(finished[0])))
         bar.update((i + 1) - bar.n)
   finally:
     batches.close()
     bar.close()
   if sums is None:
-    raise ConfigError(f"epoch {epoch + 1} has no training step (batch {batch_size}, {data.num_examples} samples)")
-  host = {k: float(v) for k, v in jax.device_get(sums).items()}
+    raise ConfigError(f"epoch {epoch + 1} has no training step ({steps_per_epoch} steps per epoch)")
+  host = jax.device_get(sums)
+  host = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64)) for k, v in host.items()}
+  bad = int(first_bad)
   seconds = time.perf_counter() - t0
-  return state, EpochStats(host, seconds, batches.wait_seconds, steps_per_epoch)
+  return state, EpochStats(host, seconds, batches.wait_seconds, steps_run, None if bad == _NO_STEP else bad)

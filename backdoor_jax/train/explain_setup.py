@@ -1,16 +1,11 @@
-"""Explanation-backdoor recipes: two-stage (clean model, then fine-tune) and single-stage.
-
-An explanation backdoor keeps predictions but moves the explanation when the trigger is
-present. Stage 1 trains (or loads) a clean reference model; stage 2 fine-tunes it with
-cross-entropy on every sample plus map losses (``train/explain_steps.py``). Evaluation
-runs every epoch: accuracy on clean and triggered test images, IoU of the triggered
-maps with the target region, fooling success rate (FSR) and correct rate (CR).
+"""What the explanation-backdoor recipes set up before training: the target region, the
+Grad-CAM layer and its checks, the stage-1 reference model and the step's frozen spec,
+and the per-epoch map evaluation (accuracy, IoU with the target region, FSR, CR).
 """
 from __future__ import annotations
 
 import copy
 import os
-import resource
 from typing import Any
 
 import jax
@@ -19,19 +14,14 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from backdoor_jax import io, models, triggers
-from backdoor_jax.data import load_dataset, pipeline
+from backdoor_jax.data import pipeline
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.explain import core as explain_core
 from backdoor_jax.explain import metrics as map_metrics
 from backdoor_jax.explain import saliency
-from backdoor_jax.train import feed
-from backdoor_jax.train import checkpoint as ckpt_lib
-from backdoor_jax.train import explain_steps, loop, optim, restore, steps
+from backdoor_jax.train import engine, explain_steps, restore
 from backdoor_jax.train import mesh as mesh_lib
-from backdoor_jax.train import state as state_lib
 
-RECIPES = ("two_stage", "single_stage")
 CRITERIA = ("iou", "loss")
 KEEP_MODES = ("reference", "avoid_target", "none")
 
@@ -126,7 +116,7 @@ def check_layer_for_region(apply_fn, variables, image_shape, layer, shapes, regi
                     f"{', '.join(ok) or 'none'} (or set explain.check_layer=False)")
 
 
-def _stage1_config(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+def stage1_config(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
   """The clean run's config: stage-2 sections dropped, so changing them keeps stage 1 reusable."""
   s1 = copy.deepcopy(c)
   with s1.unlocked():
@@ -149,17 +139,18 @@ def reference_run(c: config_dict.ConfigDict, workdir: str) -> restore.TrainedRun
                         f"{restore.model_kwargs(c)}")
     return run
   s1_dir = os.path.join(workdir, "stage1")
-  s1_config = _stage1_config(c)
+  s1_config = stage1_config(c)
   if os.path.exists(os.path.join(s1_dir, "results.json")):  # finished earlier: reuse, if it is this config
-    loop._check_workdir(s1_dir, s1_config, True)
+    engine.check_resumable(s1_dir, engine.config_json(s1_config), True)
     logging.info("stage 1: reusing the finished clean run in %s", s1_dir)
     return restore.load_run(s1_dir)
   logging.info("stage 1: training the clean reference model in %s", s1_dir)
-  loop.train_and_evaluate(s1_config, s1_dir)
+  from backdoor_jax.train.recipes import badnets  # the clean run is a classic run without poison
+  badnets.train(s1_config, s1_dir)
   return restore.load_run(s1_dir)
 
 
-def _fang_weights(c: config_dict.ConfigDict) -> tuple[float, float, float]:
+def fang_weights(c: config_dict.ConfigDict) -> tuple[float, float, float]:
   """(ce, attack, keep) weights of Fang et al.'s per-sample losses averaged over a batch.
 
   clean: (beta L_c + alpha L_s) / z, poisoned: (beta L_c + L_p) / z, z = alpha + beta + 1;
@@ -175,14 +166,29 @@ def _fang_weights(c: config_dict.ConfigDict) -> tuple[float, float, float]:
   return beta / z, f / z, alpha * (1.0 - f) / z
 
 
-def _explain_spec(c: config_dict.ConfigDict, layer: str, image_hw: tuple[int, int]) -> explain_steps.ExplainSpec:
+def explain_spec(c: config_dict.ConfigDict, layer: str, image_hw: tuple[int, int]) -> explain_steps.ExplainSpec:
+  """The frozen settings of the explanation step, validated (``c`` is not modified).
+
+  With a ``fang`` section the three loss weights follow ``fang.alpha``/``fang.beta`` and
+  the batch split (:func:`fang_weights`), except a weight set explicitly (not None),
+  which is used as given.
+  """
   e = c.explain
-  if c.get("fang"):  # the weights follow fang.alpha / fang.beta and the batch split, overrides included
-    with e.unlocked():
-      e.ce_weight, e.attack_weight, e.keep_weight = _fang_weights(c)
+  weights = {name: e.get(name) for name in ("ce_weight", "attack_weight", "keep_weight")}
+  if c.get("fang"):
+    for name, derived in zip(("ce_weight", "attack_weight", "keep_weight"), fang_weights(c)):
+      if weights[name] is None:
+        weights[name] = derived
+      else:
+        logging.info("explain.%s=%g set explicitly; the fang.alpha/beta value %g is not used", name,
+                     weights[name], derived)
+  for name, value in weights.items():
+    if value is None:
+      raise ConfigError(f"explain.{name} is not set; allowed: a number >= 0 (None derives it only with a fang "
+                        "section)")
   for name in ("attack_weight", "keep_weight", "ce_weight"):
-    if e[name] < 0:
-      raise ConfigError(f"explain.{name}={e[name]} must be >= 0")
+    if weights[name] < 0:
+      raise ConfigError(f"explain.{name}={weights[name]} must be >= 0")
   if not 0 < e.triggered_fraction < 1:
     raise ConfigError(f"explain.triggered_fraction={e.triggered_fraction} must be in (0, 1)")
   num_triggered = int(round(e.triggered_fraction * c.train.batch_size))
@@ -206,7 +212,8 @@ def _explain_spec(c: config_dict.ConfigDict, layer: str, image_hw: tuple[int, in
   return explain_steps.ExplainSpec(
       methods=methods, layer=layer, attack=e.attack, keep=e.keep,
       num_triggered=num_triggered, inverted=bool(e.inverted),
-      ce_weight=float(e.ce_weight), attack_weight=float(e.attack_weight), keep_weight=float(e.keep_weight),
+      ce_weight=float(weights["ce_weight"]), attack_weight=float(weights["attack_weight"]),
+      keep_weight=float(weights["keep_weight"]),
       loss_resolution=res, top_k=int(e.top_k), bn_mode=e.bn_mode)
 
 
@@ -285,182 +292,3 @@ def evaluate_explanations(eval_step, variables, ref_variables, images, labels, t
           "kept_iou_gt_05": out[kept]["iou"]["gt_05"], "detail": out}
 
 
-def _rss_bytes() -> int:
-  """Current resident set size (Linux /proc), else the peak from getrusage."""
-  try:
-    with open("/proc/self/statm") as f:
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-  except OSError:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def device_memory_bytes() -> int | None:
-  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
-  return int(stats["bytes_in_use"]) if stats and "bytes_in_use" in stats else None
-
-
-def train_explanation_backdoor(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the configured explanation-backdoor recipe and writes its reports to ``workdir``.
-
-  Writes config.json, metrics.jsonl (per epoch), results.json, checkpoints/, figures/;
-  stage 1 (two-stage, when trained here) lives in ``workdir/stage1``. Resumable.
-  """
-  c = config
-  check_choice("recipe", c.recipe, RECIPES)
-  workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
-  ds = load_dataset(c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None,
-                    image_size=c.data.image_size or None, seed=c.seed,
-                    max_train=c.data.max_train or None, max_test=c.data.max_test or None)
-  image_shape = ds.train_images.shape[1:]
-  trig = triggers.trigger_from_config(c.trigger, image_shape[:2], jax.random.fold_in(jax.random.key(c.seed), 3))
-  region = target_region(c.explain, image_shape[:2])
-  model = models.get_model(c.model.name, ds.num_classes, dtype=restore.compute_dtype(c), **restore.model_kwargs(c))
-  keys = {n: jax.random.fold_in(jax.random.key(c.seed), i) for i, n in enumerate(("init", "step", "s2"))}
-  init_vars = models.init_variables(model, keys["init"], (1,) + image_shape)
-  layer, shapes = choose_layer(model.apply, init_vars, image_shape, c.explain.layer)
-  if c.explain.check_layer and c.explain.attack == "targeted":
-    check_layer_for_region(model.apply, init_vars, image_shape, layer, shapes, region,
-                           triggers.trigger_region(trig))  # ConfigError for region-less kinds
-  spec = _explain_spec(c, layer, image_shape[:2])
-  check_train_mode_maps(model.apply, init_vars, image_shape, spec, c.seed)
-  loss_mask = jnp.asarray(explain_steps.losses.resize_mask(jnp.asarray(region), spec.loss_resolution))
-  mesh = mesh_lib.make_mesh()
-  mesh_lib.check_global_batch(c.train.batch_size, mesh)
-  mesh_lib.check_global_batch(c.train.eval_batch_size, mesh, "train.eval_batch_size")
-
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.checkpoint.keep)
-  latest = ckpt.latest()
-  loop._check_workdir(workdir, c, latest is not None)  # before stage 1 trains, not after
-  if c.recipe == "two_stage":
-    ref = reference_run(c, workdir)
-    ref_vars, start_vars = ref.variables, ref.variables
-    ref_accuracy = io.read_json(os.path.join(ref.workdir, "results.json"))["clean_accuracy"] if os.path.exists(
-        os.path.join(ref.workdir, "results.json")) else None
-  else:
-    ref_vars, start_vars, ref_accuracy = init_vars, init_vars, None
-    if spec.keep == "reference":
-      raise ConfigError("explain.keep='reference' needs a reference model; single_stage has none "
-                        "(use keep='avoid_target' or the two_stage recipe)")
-    if spec.attack == "nontargeted":
-      raise ConfigError("explain.attack='nontargeted' removes the evidence a reference model's maps show; "
-                        "single_stage has no reference model (use the two_stage recipe)")
-  input_spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
-                               flip=bool(c.data.flip))
-  n_train = len(ds.train_labels)
-  data = feed.process_data(ds.train_images, ds.train_labels, c.data.get("num_shards", 1))  # this process's rows
-  steps_per_epoch = pipeline.num_sharded_train_steps(n_train, c.train.batch_size, data.num_shards)
-  tx, schedule = optim.make_optimizer(c.train, steps_per_epoch, start_vars["params"])
-  state = state_lib.create_train_state(model, tx, None, None, variables=jax.tree_util.tree_map(jnp.array, start_vars))
-  state = mesh_lib.replicate(mesh, state)
-  ref_vars = mesh_lib.replicate(mesh, ref_vars)
-  trig_d = mesh_lib.replicate(mesh, trig)
-  loss_mask = mesh_lib.replicate(mesh, loss_mask)
-
-  start_epoch, history, train_seconds, history_ref = 0, [], 0.0, None
-  if latest is not None:
-    tree, meta = ckpt.restore(latest, state_lib.checkpoint_tree(state))
-    state = state_lib.from_checkpoint_tree(state, tree)
-    start_epoch, history, train_seconds = meta["epoch"], meta["history"], meta["train_seconds"]
-    history_ref = meta.get("reference")
-    logging.info("resumed from %s (epoch %d of %d)", ckpt.directory, start_epoch, c.train.epochs)
-  if is_main:
-    io.write_json_atomic(os.path.join(workdir, "config.json"), loop._config_json(c))
-  logging.info("%s explanation backdoor: %s on %s, layer %s (%s), attack %s, %d of %d samples per batch triggered; "
-               "%s of %s params trainable", c.recipe, c.model.name, c.data.name, layer, "x".join(map(str, shapes[layer][1:3])),
-               c.explain.attack, spec.num_triggered, c.train.batch_size,
-               f"{optim.count_trainable(state.params, c.train.trainable):,}", f"{models.count_params(state.params):,}")
-
-  step_fn = explain_steps.make_explain_train_step(input_spec, spec, keys["step"])
-  eval_fns = {m: explain_steps.make_explain_eval_step(input_spec, spec, model.apply, m) for m, _ in spec.methods}
-
-  def evaluate(v):
-    """Metrics of the first attacked method at top level; every method under per_method."""
-    per = {m: evaluate_explanations(f, v, ref_vars, ds.test_images, ds.test_labels, trig_d, loss_mask, region,
-                                    spec, c, mesh) for m, f in eval_fns.items()}
-    out = dict(per[spec.methods[0][0]])
-    if len(per) > 1:
-      out["per_method"] = {m: {k: x for k, x in r.items() if k != "detail"} for m, r in per.items()}
-    return out
-  if latest is None and c.recipe == "two_stage":
-    before = evaluate(state.variables)
-    history_ref = {k: v for k, v in before.items() if k != "detail"}
-    logging.info("reference model: clean acc %.4f, iou>.5 %.4f, fsr %.4f, cr %.4f", before["clean_accuracy"],
-                 before["iou_gt_05"], before["fsr"], before["cr"])
-  rss_start = _rss_bytes()
-
-  def postfix(s: dict[str, float]) -> dict[str, str]:
-    return {"loss": f"{s['loss_sum'] / s['count']:.4f}", "ce": f"{s['ce_sum'] / s['count']:.3f}",
-            "attack": f"{s['attack_sum'] / s['count']:.4f}", "keep": f"{s['keep_sum'] / s['count']:.4f}"}
-
-  for epoch in range(start_epoch, c.train.epochs):
-    state, ep = feed.run_epoch(lambda st, x, y: step_fn(st, ref_vars, x, y, trig_d, loss_mask), state, data, mesh,
-                               batch_size=c.train.batch_size, seed=c.seed + 1, epoch=epoch,
-                               desc=f"epoch {epoch + 1}/{c.train.epochs}",
-                               log_every=c.train.log_every, postfix=postfix, prefetch=c.train.get("prefetch", 2))
-    s, epoch_seconds = ep.sums, ep.seconds
-    train_seconds += epoch_seconds
-    ev = evaluate(state.variables)
-    record = {"epoch": epoch + 1, "step": int(jax.device_get(state.step)),
-              "train_loss": float(s["loss_sum"] / s["count"]), "train_ce": float(s["ce_sum"] / s["count"]),
-              "train_attack_loss": float(s["attack_sum"] / s["count"]),
-              "train_keep_loss": float(s["keep_sum"] / s["count"]),
-              "train_accuracy": float(s["correct"] / s["count"]), "grad_norm": float(s["grad_norm_sum"] / s["count"]),
-              "images_per_second": float(s["count"] / epoch_seconds), "epoch_seconds": epoch_seconds,
-              "data_wait_fraction": ep.data_wait_fraction,
-              "rss_bytes": _rss_bytes(), "device_bytes_in_use": device_memory_bytes(),
-              **{k: v for k, v in ev.items() if k != "detail"}}
-    history.append(record)
-    logging.info("epoch %d/%d  loss %.4f  clean acc %.4f  triggered acc %.4f  iou>.5 %.4f  fsr %.4f  cr %.4f  "
-                 "%.0f img/s  RSS %.2f GB", epoch + 1, c.train.epochs, record["train_loss"], ev["clean_accuracy"],
-                 ev["poisoned_accuracy"], ev["iou_gt_05"], ev["fsr"], ev["cr"], record["images_per_second"],
-                 record["rss_bytes"] / 2**30)
-    meta = {"epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
-            "num_classes": int(ds.num_classes), "image_shape": list(image_shape), "mean": list(input_spec.mean),
-            "std": list(input_spec.std), "class_names": list(ds.class_names), "reference": history_ref}
-    ckpt.save(epoch + 1, state_lib.checkpoint_tree(state), meta)
-    if is_main:
-      io.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
-
-  final = evaluate(state.variables)
-  results = {k: v for k, v in final.items() if k != "detail"}
-  results.update({
-      "recipe": c.recipe, "layer": layer, "layer_shape": list(shapes[layer][1:3]), "attack": c.explain.attack,
-      "inverted": bool(c.explain.inverted), "methods": [list(m) for m in spec.methods],
-      "reference_accuracy": ref_accuracy, "reference": history_ref,
-      "accuracy_change": (final["clean_accuracy"] - history_ref["clean_accuracy"]) if history_ref else None,
-      "thresholds": {"criterion": c.explain.criterion, "map_threshold": c.explain.iou_threshold,
-                     "iou_gt": c.explain.iou_gt, "loss_threshold": c.explain.loss_threshold},
-      "train_seconds": train_seconds, "epochs": c.train.epochs, "num_train": n_train,
-      "num_test": final["detail"]["clean"]["count"], "rss_start_bytes": rss_start, "rss_end_bytes": _rss_bytes(),
-      "detail": final["detail"], "platform": jax.devices()[0].platform, "devices": jax.device_count()})
-  if is_main:
-    io.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
-    io.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    if c.get("figures", True):
-      _write_figures(workdir, c, model, ref_vars, state.variables, ds, trig, input_spec, spec)
-  ckpt.close()
-  return results
-
-
-def _write_figures(workdir, c, model, ref_vars, variables, ds, trig, input_spec, spec) -> None:
-  """Clean and triggered test images with their maps before (reference) and after the attack."""
-  from backdoor_jax.explain import overlay
-  n = min(6, len(ds.test_labels))
-  rng = np.random.default_rng(c.seed)
-  idx = np.sort(rng.choice(len(ds.test_labels), size=n, replace=False))
-  clean = ds.test_images[idx]
-  trig_imgs = np.asarray(triggers.apply_trigger(trig, jnp.asarray(clean)))
-  rows, cells = [], []
-  for m, _ in spec.methods:
-    for name, imgs in (("clean", clean), ("triggered", trig_imgs)):
-      x = steps.preprocess(None, jnp.asarray(imgs), input_spec)
-      before = saliency.explanation_maps(m, model.apply, ref_vars, x, None, spec.layer)
-      after = saliency.explanation_maps(m, model.apply, variables, x, None, spec.layer)
-      for j in range(n):
-        rows.append(f"{name} #{idx[j]} ({m})")
-        cells.append([imgs[j], overlay.overlay(imgs[j], np.asarray(before[j])),
-                      overlay.overlay(imgs[j], np.asarray(after[j]))])
-  overlay.grid_figure(os.path.join(workdir, "figures", "maps_before_after.png"), rows,
-                      ["image", "before (reference)", "after (attacked)"], cells,
-                      title=f"{c.recipe}: {c.explain.attack} attack on {spec.layer}")

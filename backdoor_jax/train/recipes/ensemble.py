@@ -11,7 +11,7 @@ updates all of them, each on its own poisoned batch (on a CPU, where XLA's group
 convolutions are slow, the default runs one compiled single-model step per member
 instead; see :func:`make_ensemble_step`). Every member draws exactly what a
 single run of its config draws (init from its seed, its own epoch shuffles and
-augmentation keys), so a member ends where ``loop.train_and_evaluate`` of the same config
+augmentation keys), so a member ends where the ``badnets`` recipe run on the same config
 would, up to floating-point reassociation (tested).
 
 Memory: the clean training images are held once; each member keeps only its labels and
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import time
 from typing import Any, Sequence
 
 import jax
@@ -36,15 +34,14 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
-from tqdm import tqdm
 
-from backdoor_jax import io, models
+from backdoor_jax import experiment
 from backdoor_jax.data import pipeline
 from backdoor_jax.errors import ConfigError, check_choice
-from backdoor_jax.train import checkpoint as ckpt_lib
-from backdoor_jax.train import loop
+from backdoor_jax.train import engine
 from backdoor_jax.train import mesh as mesh_lib
 from backdoor_jax.train import optim, state as state_lib, steps
+from backdoor_jax.train.recipes import badnets
 
 # Config sections that may differ between the members of one ensemble.
 MEMBER_KEYS = ("trigger", "poison", "seed", "sweep")
@@ -59,7 +56,7 @@ def shared_signature(config: config_dict.ConfigDict) -> str:
 @dataclasses.dataclass
 class _Member:
   """One member's data, stored as a diff against the shared clean training set."""
-  exp: loop.Experiment           # train_images dropped; dataset shared with member 0
+  exp: experiment.Experiment          # train_images dropped; dataset shared with member 0
   labels: np.ndarray             # (N,) int32 training labels after poisoning
   changed: np.ndarray            # (P,) rows whose image differs from the clean set
   changed_images: np.ndarray     # (P, H, W, 3) their poisoned images
@@ -67,7 +64,7 @@ class _Member:
 
 
 def _build_member(config: config_dict.ConfigDict, dataset: Any | None) -> _Member:
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   if dataset is not None:
     if (exp.dataset.train_images.shape != dataset.train_images.shape
         or not np.array_equal(exp.dataset.train_labels, dataset.train_labels)):
@@ -196,6 +193,29 @@ def _evaluate_members(eval_fn, variables: Any, image_sets: Sequence[np.ndarray],
   return results
 
 
+@dataclasses.dataclass
+class _EnsembleFeed:
+  """Every member's own shuffle of the shared training set, gathered into (K, B, ...) batches."""
+  gather: _BatchGatherer
+  seeds: list[int]
+  n_train: int
+  batch_size: int
+  sharding: NamedSharding | None
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return pipeline.num_train_steps(self.n_train, self.batch_size)
+
+  def items(self, epoch: int):
+    orders = [pipeline.train_batches(self.n_train, self.batch_size, s, epoch) for s in self.seeds]
+    for _ in range(self.steps_per_epoch):
+      yield np.stack([next(o) for o in orders])
+
+  def make(self, idx: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    images, labels = self.gather(idx)
+    return _put(images, self.sharding), _put(labels, self.sharding)
+
+
 def train_ensemble(configs: Sequence[config_dict.ConfigDict], workdir: str | None = None,
                    progress: bool = True, return_variables: bool = False,
                    member_errors: str = "raise") -> Any:
@@ -217,9 +237,9 @@ def train_ensemble(configs: Sequence[config_dict.ConfigDict], workdir: str | Non
       :func:`member_variables`).
   Returns:
     One results record per config, in order: ``clean_accuracy``, ``attack_success_rate``,
-    ``attack_success_rate_visible``, ``weak_trigger_fraction``, ``num_poisoned``,
-    ``train_seconds`` (the ensemble's, shared by all members), ``ensemble_size``;
-    with ``return_variables``, the pair ``(results, stacked_variables)``.
+    ``robust_accuracy``, ``attack_success_rate_visible``, ``weak_trigger_fraction``,
+    ``num_poisoned``, ``train_seconds`` (the ensemble's, shared by all members),
+    ``ensemble_size``; with ``return_variables``, the pair ``(results, stacked_variables)``.
   Raises:
     ConfigError: no configs, configs that differ in shared keys, or an invalid config.
   """
@@ -252,99 +272,67 @@ def train_ensemble(configs: Sequence[config_dict.ConfigDict], workdir: str | Non
   configs = [cfg for k, cfg in enumerate(all_configs) if k not in errors]
   c = configs[0]
   dataset = members[0].exp.dataset
-  k_members = len(members)
-  n_train = len(dataset.train_labels)
+  k_members, n_train = len(members), len(dataset.train_labels)
   if n_train < c.train.batch_size:
     raise ConfigError(f"train.batch_size={c.train.batch_size} exceeds the {n_train} training samples")
-  steps_per_epoch = pipeline.num_train_steps(n_train, c.train.batch_size)
-  spec = members[0].exp.input_spec
-  model = members[0].exp.model
-  image_shape = (1,) + dataset.train_images.shape[1:]
-
-  keys = [loop._keys(int(cfg.seed)) for cfg in configs]  # the same keys a single run uses
-  init_vars = [models.init_variables(model, kk["init"], image_shape) for kk in keys]
-  tx, _ = optim.make_optimizer(c.train, steps_per_epoch, init_vars[0]["params"])
-  state = _stack([state_lib.create_train_state(model, tx, kk["init"], image_shape, variables=v)
-                  for kk, v in zip(keys, init_vars)])
-  step_keys = jnp.stack([kk["step"] for kk in keys])
+  run = engine.RunSpec.from_config(c, workdir, keep=1, progress=progress, config_json=None, figures=False,
+                                   name=f"ensemble of {k_members}")
   sharding = _member_sharding(k_members)
-  state, step_keys = _put(state, sharding), _put(step_keys, sharding)
+  batches = _EnsembleFeed(_BatchGatherer(dataset.train_images, members), [int(cfg.seed) for cfg in configs],
+                          n_train, int(c.train.batch_size), sharding)
 
+  keys = [experiment.run_keys(int(cfg.seed)) for cfg in configs]  # the same keys a single run uses
+  starts = [badnets.initial_variables(m.exp, kk["init"]) for m, kk in zip(members, keys)]  # transfer included
+  spec = starts[0][0]
+  tx, _ = optim.make_optimizer(c.train, batches.steps_per_epoch, starts[0][1]["params"])
+  state = _stack([state_lib.create_train_state(m.exp.model, tx, None, None, variables=v)
+                  for m, (_, v) in zip(members, starts)])
+  step_keys = jnp.stack([kk["step"] for kk in keys])
+  state, step_keys = _put(state, sharding), _put(step_keys, sharding)
+  model = members[0].exp.model
   names = [json.dumps({s: json.loads(cfg.to_json_best_effort(sort_keys=True))[s] for s in MEMBER_KEYS if s in cfg},
                       sort_keys=True) for cfg in configs]
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=1) if workdir else None
-  start_epoch, history, train_seconds = 0, [], 0.0
-  if ckpt is not None and ckpt.latest() is not None:
-    meta = ckpt.restore_meta(ckpt.latest())
+
+  def check_meta(meta):
     if meta.get("members") != names or meta.get("shared") != sigs[0]:
       raise ConfigError(f"{workdir} holds an ensemble checkpoint of other members; use a new folder")
-    tree, meta = ckpt.restore(ckpt.latest(), state_lib.checkpoint_tree(state))
-    state = state_lib.from_checkpoint_tree(state, tree)
-    start_epoch, history, train_seconds = meta["epoch"], meta["history"], meta["train_seconds"]
 
   step = make_ensemble_step(spec, c.get("sweep", {}).get("strategy", "auto"))
-  gather = _BatchGatherer(dataset.train_images, members)
-  seeds = [int(cfg.seed) for cfg in configs]
   logging.info("ensemble of %d x %s on %s: %d train images, %d steps/epoch, %d epochs",
-               k_members, c.model.name, c.data.name, n_train, steps_per_epoch, c.train.epochs)
-  for epoch in range(start_epoch, c.train.epochs):
-    t0 = time.time()
-    sums = None
-    orders = [pipeline.train_batches(n_train, c.train.batch_size, s, epoch) for s in seeds]
-    bar = tqdm(total=steps_per_epoch, desc=f"{k_members} models, epoch {epoch + 1}/{c.train.epochs}",
-               unit="step", disable=not progress, dynamic_ncols=True, leave=False)
-    for i in range(steps_per_epoch):
-      idx = np.stack([next(o) for o in orders])
-      images, labels = gather(idx)
-      state, m = step(state, _put(images, sharding), _put(labels, sharding), step_keys)
-      sums = m if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, m)
-      if (i + 1) % c.train.log_every == 0 or i + 1 == steps_per_epoch:
-        s = jax.device_get(sums)
-        elapsed = time.time() - t0
-        bar.set_postfix(loss=f"{float(np.mean(s['loss_sum'] / s['count'])):.4f}",
-                        img_s=f"{float(np.sum(s['count'])) / max(elapsed, 1e-9):.0f}")
-        bar.update((i + 1) - bar.n)
-    bar.close()
-    s = jax.device_get(sums)
-    epoch_seconds = time.time() - t0
-    train_seconds += epoch_seconds
-    record = {"epoch": epoch + 1, "train_loss": (s["loss_sum"] / s["count"]).tolist(),
-              "train_accuracy": (s["correct"] / s["count"]).tolist(),
-              "images_per_second": float(np.sum(s["count"]) / epoch_seconds), "epoch_seconds": epoch_seconds}
-    history.append(record)
-    logging.info("epoch %d/%d  %d models  mean loss %.4f  %.0f img/s  ETA %.0fs", epoch + 1, c.train.epochs,
-                 k_members, float(np.mean(record["train_loss"])), record["images_per_second"],
-                 (c.train.epochs - epoch - 1) * epoch_seconds)
-    if ckpt is not None:
-      ckpt.save(epoch + 1, state_lib.checkpoint_tree(state),
-                {"epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
-                 "members": names, "shared": sigs[0]})
-      io.write_jsonl_atomic(os.path.join(workdir, "metrics.jsonl"), history)
-  if ckpt is not None:
-    ckpt.close()
-
+               k_members, c.model.name, c.data.name, n_train, batches.steps_per_epoch, c.train.epochs)
   eval_fn = jax.jit(jax.vmap(steps.make_eval_step(spec, model.apply), in_axes=(0, 0, 0, 0)))
-  variables = state.variables
   bs = int(c.train.eval_batch_size)
-  clean = _evaluate_members(eval_fn, variables, [dataset.test_images] * k_members,
-                            [dataset.test_labels] * k_members, bs, sharding)
-  attack = _evaluate_members(eval_fn, variables, [m.exp.test_triggered for m in members],
-                             [m.exp.test_attack_labels for m in members], bs, sharding)
-  results = []
-  for k, m in enumerate(members):
-    weak = loop.weak_trigger_mask(m.exp)
-    hit = attack[k]["predictions"] == m.exp.test_attack_labels
-    results.append({
-        "clean_accuracy": clean[k]["accuracy"], "attack_success_rate": attack[k]["accuracy"],
-        "attack_success_rate_visible": float(hit[~weak].mean()) if (~weak).any() else None,
-        "weak_trigger_fraction": float(weak.mean()) if len(weak) else 0.0,
-        "num_poisoned": m.num_poisoned, "num_train": n_train, "num_test": clean[k]["count"],
-        "num_attack_test": attack[k]["count"], "train_seconds": train_seconds,
-        "ensemble_size": k_members, "epochs": c.train.epochs,
-        "final_train_loss": history[-1]["train_loss"][k] if history else None})
-  it = iter(results)
+
+  def finish(state, history):
+    variables = state.variables
+    clean = _evaluate_members(eval_fn, variables, [dataset.test_images] * k_members,
+                              [dataset.test_labels] * k_members, bs, sharding)
+    attack = _evaluate_members(eval_fn, variables, [m.exp.test_triggered for m in members],
+                               [m.exp.test_attack_labels for m in members], bs, sharding)
+    rows = []
+    for k, m in enumerate(members):
+      weak = experiment.weak_trigger_mask(m.exp)
+      hit = attack[k]["predictions"] == m.exp.test_attack_labels
+      rows.append({
+          **badnets.classifier_metrics(m.exp, clean[k], attack[k]),
+          "attack_success_rate_visible": float(hit[~weak].mean()) if (~weak).any() else None,
+          "weak_trigger_fraction": float(weak.mean()) if len(weak) else 0.0,
+          "num_poisoned": m.num_poisoned, "num_train": n_train, "num_test": clean[k]["count"],
+          "num_attack_test": attack[k]["count"], "ensemble_size": k_members,
+          "final_train_loss": history[-1]["train_loss"][k] if history else None})
+    return {"members": rows}
+
+  task = engine.Task(
+      state=state, step=lambda st, x, y: step(st, x, y, step_keys), feed=batches, finish=finish,
+      meta={"members": names, "shared": sigs[0]}, check_meta=check_meta,
+      postfix=lambda s: {"loss": f"{float(np.mean(s['loss_sum'] / s['count'])):.4f}"},
+      describe=lambda r: f"{k_members} models  mean loss {float(np.mean(r['train_loss'])):.4f}")
+  state, out = engine.fit(task, run)
+  for row in out["members"]:
+    row.update(train_seconds=out["train_seconds"], epochs=out["epochs"])
+  it = iter(out["members"])
   results = [{"error": errors[k]} if k in errors else next(it) for k in range(len(all_configs))]
-  return (results, jax.device_get(variables)) if return_variables else results
+  return (results, jax.device_get(state.variables)) if return_variables else results
 
 
 def member_variables(stacked_variables: Any, k: int) -> Any:
