@@ -200,13 +200,18 @@ def _malformed(arrays, rng):
        "same"),
       ("short_class_names", with_(class_names=np.array(["a", "b"])), "class_names"),
       ("numeric_class_names", with_(class_names=np.arange(5)), "string"),
-      ("object_array", with_(class_names=np.array([1, "a", None], dtype=object)), "pickle"),
+      ("object_array", with_(class_names=np.array([1, "a", None], dtype=object)), "Python objects"),
       ("empty", with_(train_images=np.zeros((0, 8, 8, 3), np.uint8),
                       train_labels=np.zeros((0,), np.int32)), "N > 0"),
+      ("stray_label", with_(test_labels=np.where(np.arange(20) == 7, 999, arrays["test_labels"])),
+       r"label 999 \(at test_labels\[7\]\) implies 1000 classes but 995 of them have no training image"),
+      ("label_beyond_names", with_(class_names=np.array(list("abcde")),
+                                   train_labels=np.where(np.arange(40) == 3, 5, arrays["train_labels"])),
+       r"label 5 at train_labels\[3\], outside the 5 classes declared by its class_names"),
   ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(14))
 def test_npz_malformed(tmp_path, case):
   rng = np.random.default_rng(2)
   name, arrays, match = _malformed(_npz_arrays(rng), rng)[case]
@@ -223,12 +228,41 @@ def test_npz_bad_files(tmp_path):
     data.load_dataset("npz", path=str(tmp_path / "nope.npz"))
   text = tmp_path / "text.npz"
   text.write_text("not an archive")
-  with pytest.raises(ConfigError, match="not an .npz"):
+  with pytest.raises(ConfigError, match="not an .npz archive") as e:
     data.load_dataset("npz", path=str(text))
+  assert "pickle" not in str(e.value)
   single = tmp_path / "single.npy"
   np.save(single, np.zeros((3, 4, 4, 3), np.uint8))
-  with pytest.raises(ConfigError, match="single array"):
+  with pytest.raises(ConfigError, match="single .npy array"):
     data.load_dataset("npz", path=str(single))
+  with pytest.raises(ConfigError, match="is a folder, not an .npz file"):
+    data.load_dataset("npz", path=str(tmp_path))
+  broken = tmp_path / "broken.npz"
+  broken.write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+  with pytest.raises(ConfigError, match="damaged") as e:
+    data.load_dataset("npz", path=str(broken))
+  assert "pickle" not in str(e.value)
+
+
+def test_npz_num_classes_and_subset_sizes(tmp_path):
+  arrays = _npz_arrays(np.random.default_rng(3))  # 5 classes, 40 train, 20 test
+  arrays["test_labels"][0] = 7  # classes 5 and 6 have no image at all
+  path = tmp_path / "d.npz"
+  np.savez(path, **arrays)
+  with pytest.raises(ConfigError, match="implies 8 classes"):
+    data.load_dataset("npz", path=str(path), image_size=None)
+  ds = data.load_dataset("npz", path=str(path), image_size=None, num_classes=8)  # declared: accepted
+  assert ds.num_classes == 8 and ds.test_labels[0] == 7
+  with pytest.raises(ConfigError, match=r"label 7 at test_labels\[0\], outside the 6 classes declared by "
+                                        r"data.num_classes=6"):
+    data.load_dataset("npz", path=str(path), image_size=None, num_classes=6)
+  with pytest.raises(ConfigError, match="data.num_classes=3 but dataset 'digits' has 10 classes"):
+    data.load_dataset("digits", image_size=8, num_classes=3)
+  with pytest.raises(ConfigError, match=r"data.max_train=41 but the train split of .* has only 40 images"):
+    data.load_dataset("npz", path=str(path), image_size=None, num_classes=8, max_train=41)
+  with pytest.raises(ConfigError, match=r"data.max_test=361 but the test split of digits has only 360"):
+    data.load_dataset("digits", image_size=8, max_test=361)
+  assert len(data.load_dataset("npz", path=str(path), image_size=None, num_classes=8, max_train=40).train_labels) == 40
 
 
 def test_image_dataset_validates():

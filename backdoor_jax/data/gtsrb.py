@@ -114,9 +114,11 @@ def _read_csv(csv_path: str, image_dir: str) -> _Split:
       boxes.append((x1, y1, x2, y2))
       files.append(os.path.join(image_dir, row["Filename"]))
   labels_array = np.asarray(labels, np.int32)
-  if labels_array.size and (labels_array.min() < 0 or labels_array.max() >= NUM_CLASSES):
+  bad = np.flatnonzero((labels_array < 0) | (labels_array >= NUM_CLASSES))
+  if bad.size:
     raise ConfigError(
-        f"GTSRB csv {csv_path} has ClassId {int(labels_array.max())} outside 0..{NUM_CLASSES - 1}")
+        f"GTSRB csv {csv_path} line {int(bad[0]) + 2} has ClassId {int(labels_array[bad[0]])} outside "
+        f"0..{NUM_CLASSES - 1}")
   return _Split(files, labels_array, sizes, boxes)
 
 
@@ -234,7 +236,8 @@ def read_folder(
   train = _list_train(root)
   test = _list_test(root, path)
   out = []
-  for split, limit in ((train, max_train), (test, max_test)):
+  for split, limit, what in ((train, max_train, "train"), (test, max_test, "test")):
+    image_lib.check_subset_size(f"data.max_{what}", limit, len(split.files), f"the GTSRB {what} split under {root}")
     indices = (image_lib.stratified_subset(split.labels, limit, seed) if limit is not None
                else np.arange(len(split.files)))
     out.append(_decode(split, indices, image_size, crop_roi))

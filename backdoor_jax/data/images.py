@@ -199,6 +199,20 @@ def check_size_arg(what: str, value: int | None, allow_none: bool = True) -> Non
     raise ConfigError(f"{what} must be {allowed}, got {value!r}")
 
 
+def check_subset_size(what: str, limit: int | None, available: int, where: str) -> None:
+  """Raises ConfigError when a requested subset (``max_train``/``max_test``) exceeds the split.
+
+  Args:
+    what: the option's name, e.g. ``data.max_train``.
+    limit: the requested size (None = all).
+    available: how many samples the split has.
+    where: the split, e.g. ``"the training split of npz file x.npz"``.
+  """
+  if limit is not None and limit > available:
+    raise ConfigError(f"{what}={limit} but {where} has only {available} images; allowed: 1..{available} "
+                      "(or 0 for all)")
+
+
 def same_size_or_error(dataset: str, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
   """Returns the common ``(H, W)`` of ``sizes`` or raises ConfigError asking for image_size."""
   unique = sorted(set(sizes))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 
 import numpy as np
 
@@ -104,6 +105,7 @@ def load_dataset(
     max_train: int | None = None,
     max_test: int | None = None,
     crop_roi: bool = False,
+    num_classes: int | None = None,
 ) -> ImageDataset:
   """Loads a dataset by name into host memory.
 
@@ -120,6 +122,9 @@ def load_dataset(
       tfds, where it is a seeded uniform choice).
     max_test: the same for the test split.
     crop_roi: ``gtsrb`` folder only: crop each image to its annotated sign box first.
+    num_classes: the number of classes the labels must lie in (``data.num_classes``;
+      None or 0: the dataset's own). For an npz file without ``class_names`` it
+      declares the classes; for every other source it must equal the dataset's.
 
   Returns:
     The :class:`ImageDataset`.
@@ -132,19 +137,30 @@ def load_dataset(
   image_lib.check_size_arg("image_size", image_size)
   image_lib.check_size_arg("max_train", max_train)
   image_lib.check_size_arg("max_test", max_test)
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= 2 ** 32 - 1:
+    raise ConfigError(f"seed must be an integer in 0..{2 ** 32 - 1}, got {seed!r}")
   if path is not None and name not in ("npz", "gtsrb"):
     raise ConfigError(
         f"path={path!r} is only used by the npz and gtsrb datasets; for {name!r} leave it "
         "unset (tfds datasets are found through data_dir)")
   if crop_roi and name != "gtsrb":
     raise ConfigError(f"crop_roi is only supported by the gtsrb folder reader, not {name!r}")
-  kwargs = dict(image_size=image_size, seed=seed, max_train=max_train, max_test=max_test)
+  image_lib.check_size_arg("data.num_classes", num_classes or None)
+  ds = _load_by_name(name, path=path, data_dir=data_dir, crop_roi=crop_roi, num_classes=num_classes or None,
+                     image_size=image_size, seed=seed, max_train=max_train, max_test=max_test)
+  if num_classes and ds.num_classes != num_classes:
+    raise ConfigError(f"data.num_classes={num_classes} but dataset {name!r} has {ds.num_classes} classes; "
+                      "set 0 to use the dataset's")
+  return ds
+
+
+def _load_by_name(name: str, *, path: str | None, data_dir: str | None, crop_roi: bool, num_classes: int | None,
+                  **kwargs) -> ImageDataset:
+  """Dispatches to the reader of ``name`` (arguments already validated)."""
   if name == "digits":
     return _load_digits(**kwargs)
   if name == "npz":
-    return _load_npz(_require_path(name, path), name="npz", **kwargs)
+    return _load_npz(_require_path(name, path), name="npz", num_classes=num_classes, **kwargs)
   if name == "synthetic":
     return _make_synthetic(**kwargs)
   if name == "gtsrb":
@@ -166,9 +182,11 @@ def _require_path(name: str, path: str | None) -> str:
 
 
 def _subset_and_resize(images: np.ndarray, labels: np.ndarray, limit: int | None,
-                       image_size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                       image_size: int | None, seed: int, split: str = "train",
+                       source: str = "the dataset") -> tuple[np.ndarray, np.ndarray]:
   """Stratified subset (when ``limit`` is set), then conversion to RGB at ``image_size``."""
   if limit is not None:
+    image_lib.check_subset_size(f"data.max_{split}", limit, len(labels), f"the {split} split of {source}")
     keep = image_lib.stratified_subset(labels, limit, seed)
     images, labels = images[keep], labels[keep]
   return image_lib.convert_images(images, image_size), np.asarray(labels, np.int32)
@@ -185,8 +203,8 @@ def _load_digits(*, image_size: int | None, seed: int, max_train: int | None,
   train_x, test_x, train_y, test_y = model_selection.train_test_split(
       images, labels, test_size=0.2, stratify=labels, random_state=seed)
   mean, std = image_lib.channel_mean_std(train_x[..., None])
-  train_x, train_y = _subset_and_resize(train_x, train_y, max_train, image_size, seed)
-  test_x, test_y = _subset_and_resize(test_x, test_y, max_test, image_size, seed)
+  train_x, train_y = _subset_and_resize(train_x, train_y, max_train, image_size, seed, "train", "digits")
+  test_x, test_y = _subset_and_resize(test_x, test_y, max_test, image_size, seed, "test", "digits")
   return ImageDataset("digits", train_x, train_y, test_x, test_y, 10,
                       tuple(str(d) for d in range(10)), mean * 3, std * 3)
 
@@ -220,16 +238,25 @@ def _make_synthetic(*, image_size: int | None, seed: int, max_train: int | None,
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
   """Reads and validates the arrays of an npz dataset file (no resizing yet)."""
+  save_hint = f"save the dataset with np.savez(path, {'=..., '.join(NPZ_KEYS)}=...)"
+  if os.path.isdir(path):
+    raise ConfigError(f"npz dataset path {path!r} is a folder, not an .npz file; {save_hint}")
   if not os.path.isfile(path):
     raise ConfigError(f"npz dataset file {path!r} does not exist")
   try:
+    with open(path, "rb") as f:
+      magic = f.read(6)
+  except OSError as e:
+    raise ConfigError(f"npz dataset file {path!r} cannot be read ({e.strerror or e})") from None
+  if magic.startswith(b"\x93NUMPY"):
+    raise ConfigError(f"{path} holds a single .npy array, not an .npz archive; {save_hint}")
+  if not magic.startswith(b"PK"):
+    kind = "an empty file" if not magic else f"a file starting with {magic!r}"
+    raise ConfigError(f"{path} is not an .npz archive (a zip file written by np.savez): it is {kind}; {save_hint}")
+  try:
     archive = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:  # not an npz/npy file, or it needs pickle
-    raise ConfigError(f"{path} is not an .npz file readable without pickle: {e}") from e
-  if not isinstance(archive, np.lib.npyio.NpzFile):
-    raise ConfigError(
-        f"{path} holds a single array, not an .npz archive; save the dataset with "
-        f"np.savez(path, {'=..., '.join(NPZ_KEYS)}=...)")
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # a damaged zip
+    raise ConfigError(f"{path} is a damaged .npz (zip) archive ({type(e).__name__}); {save_hint}") from None
   with archive:
     keys = set(archive.files)
     missing = [k for k in NPZ_KEYS if k not in keys]
@@ -237,10 +264,17 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
       raise ConfigError(
           f"npz file {path} lacks the array(s) {', '.join(missing)}; it has "
           f"{', '.join(sorted(keys)) or 'none'}; required: {', '.join(NPZ_KEYS)}")
-    try:
-      arrays = {k: archive[k] for k in (*NPZ_KEYS, "class_names") if k in keys}
-    except ValueError as e:  # an object array needs pickle, which stays off
-      raise ConfigError(f"npz file {path} has an array that needs pickle: {e}") from e
+    arrays = {}
+    for k in (*NPZ_KEYS, "class_names"):
+      if k not in keys:
+        continue
+      try:
+        arrays[k] = archive[k]
+      except ValueError:  # an object array: pickled Python objects, never loaded (unsafe)
+        raise ConfigError(f"array {k!r} of npz file {path} holds Python objects, which are never loaded (that "
+                          "would run code from the file); store plain numeric or string arrays") from None
+      except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"array {k!r} of npz file {path} is damaged ({type(e).__name__})") from None
 
   shapes = {}
   for split in ("train", "test"):
@@ -269,18 +303,29 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     raise ConfigError(
         f"npz train_images are {shapes['train']} per image but test_images are "
         f"{shapes['test']}; both splits need the same (H, W, C)")
-  max_label = int(max(arrays["train_labels"].max(), arrays["test_labels"].max()))
   if "class_names" in arrays:
     names = arrays["class_names"]
     if names.ndim != 1 or names.dtype.kind not in "US":
       raise ConfigError(
           f"npz class_names has dtype {names.dtype} and shape {names.shape}; expected a 1-D "
           "string array (np.array(['cat', 'dog']))")
-    if max_label >= len(names):
-      raise ConfigError(
-          f"npz has label {max_label} but only {len(names)} class_names; labels must lie "
-          f"in 0..{len(names) - 1}")
   return arrays
+
+
+def _inferred_num_classes(arrays: dict[str, np.ndarray], path: str) -> int:
+  """``max label + 1`` when every class up to it has a training image; else ConfigError."""
+  train, test = arrays["train_labels"], arrays["test_labels"]
+  num = int(max(train.max(), test.max())) + 1
+  present = np.zeros(num, bool)
+  present[train] = True
+  if not present.all():
+    top_split, labels = ("train", train) if train.max() + 1 == num else ("test", test)
+    at = int(np.argmax(labels))
+    raise ConfigError(
+        f"{path}: label {num - 1} (at {top_split}_labels[{at}]) implies {num} classes but "
+        f"{int((~present).sum())} of them have no training image (e.g. class {int(np.argmin(present))}); "
+        "labels must be 0..C-1: relabel, add a class_names array, or set data.num_classes")
+  return num
 
 
 def _load_npz(
@@ -292,29 +337,46 @@ def _load_npz(
     max_train: int | None,
     max_test: int | None,
     class_names: tuple[str, ...] | None = None,
+    num_classes: int | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> ImageDataset:
-  """Loads an npz dataset file; ``class_names``/``mean``/``std`` override the file's."""
+  """Loads an npz dataset file; ``class_names``/``mean``/``std`` override the file's.
+
+  The number of classes comes from ``class_names`` (argument, else the file's), else
+  ``num_classes``, else the labels: then every class 0..max label must have a
+  training image, so one stray label (999 in a 10-class file) is refused rather than
+  silently making a 1000-class model.
+  """
   arrays = _read_npz(path)
-  if class_names is None:
-    if "class_names" in arrays:
-      names = arrays["class_names"]
-      class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-    else:
-      num = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
-      class_names = tuple(str(i) for i in range(num))
-  max_label = int(max(arrays["train_labels"].max(), arrays["test_labels"].max()))
-  if max_label >= len(class_names):
-    raise ConfigError(
-        f"{path} has label {max_label} but dataset {name!r} has {len(class_names)} classes "
-        f"(labels 0..{len(class_names) - 1})")
+  if class_names is not None:
+    declared = f"dataset {name!r}"
+  elif "class_names" in arrays:
+    names = arrays["class_names"]
+    class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    declared = "its class_names"
+  elif num_classes is not None:
+    class_names = tuple(str(i) for i in range(num_classes))
+    declared = f"data.num_classes={num_classes}"
+  else:
+    class_names = tuple(str(i) for i in range(_inferred_num_classes(arrays, path)))
+    declared = "its labels"
+  if num_classes is not None and num_classes != len(class_names):
+    raise ConfigError(f"data.num_classes={num_classes} but {path} has {len(class_names)} classes ({declared}); "
+                      "set 0 to use the file's")
+  for split in ("train", "test"):
+    labels = arrays[f"{split}_labels"]
+    bad = np.flatnonzero(labels >= len(class_names))
+    if bad.size:
+      raise ConfigError(
+          f"{path} has label {int(labels[bad[0]])} at {split}_labels[{int(bad[0])}], outside the "
+          f"{len(class_names)} classes declared by {declared} (labels 0..{len(class_names) - 1})")
   if mean is None or std is None:
     mean, std = image_lib.channel_mean_std(image_lib.convert_images(arrays["train_images"], None))
   train_x, train_y = _subset_and_resize(
-      arrays["train_images"], arrays["train_labels"], max_train, image_size, seed)
+      arrays["train_images"], arrays["train_labels"], max_train, image_size, seed, "train", path)
   test_x, test_y = _subset_and_resize(
-      arrays["test_images"], arrays["test_labels"], max_test, image_size, seed)
+      arrays["test_images"], arrays["test_labels"], max_test, image_size, seed, "test", path)
   return ImageDataset(name, train_x, train_y, test_x, test_y, len(class_names),
                       tuple(class_names), tuple(mean), tuple(std))
 

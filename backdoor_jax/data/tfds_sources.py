@@ -166,6 +166,8 @@ def read_tfds(
   for split, limit in ((spec.train_split, max_train), (spec.test_split, max_test)):
     source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
     total = len(source)
+    image_lib.check_subset_size("data.max_train" if split == spec.train_split else "data.max_test", limit, total,
+                                f"split {split!r} of tfds dataset {name!r}")
     indices = image_lib.seeded_subset(total, limit, seed) if limit is not None else np.arange(total)
     out.extend(_read_split(name, source, spec, indices, image_size, native_shape))
   return out[0], out[1], out[2], out[3], class_names
