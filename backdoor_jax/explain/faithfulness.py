@@ -1,0 +1,605 @@
+"""Faithfulness and sanity metrics of explanation maps, as pure, jit-compiled JAX functions.
+
+Perturbation metrics (does removing what the map calls relevant change the prediction?):
+
+* :func:`deletion` / :func:`insertion` (RISE, Petsiuk et al. 2018): pixels are removed
+  from (inserted into) the image in the order of the map, most relevant first, in
+  ``n_steps`` equal chunks; the curve is the target-class score after each chunk and
+  its area (trapezoid over the fraction of pixels) is the metric. A faithful map gives
+  a *low* deletion AUC and a *high* insertion AUC. Pixel flipping (Bach et al. 2015) is
+  ``deletion`` with ``n_steps = H * W / pixels_per_step``.
+* :func:`region_perturbation` (Samek et al. 2017): the same with non-overlapping k x k
+  patches ranked by their summed relevance; :func:`aopc` summarises it.
+* :func:`road` (Rong et al. 2022, "remove and debias"): the removed pixels are filled by
+  *noisy linear imputation* (each one the weighted mean of its 8 neighbours, solved
+  jointly as a sparse linear system, plus Gaussian noise), so the removal itself leaks
+  no shape; MoRF (most relevant first) should drop fast, LeRF (least relevant first)
+  slowly.
+
+Sanity checks (does the map depend on what it claims to explain?):
+
+* :func:`randomization_test` (Adebayo et al. 2018): re-initialise the parameters layer
+  by layer from the top down (cascading) and compare the maps with the original ones;
+  a map that does not change with the model is not an explanation of it.
+* :func:`random_logit_test` (Sixt et al. 2020): compare the map of the true class with
+  the map of a random other class.
+
+Conventions: ``logits_fn(x) -> (B, K)`` (or, with ``variables``, ``logits_fn(variables,
+x)``; pass the same callable each time so the jit cache is reused) takes the images in
+whatever space the perturbation should happen in (normally the normalised model inputs,
+so the ``zeros`` baseline is the dataset mean colour). Images are float (B, H, W, C),
+maps (B, H, W) with larger = more relevant, targets (B,) int. A map's ties are broken by
+pixel index (row-major), so a constant map removes pixels in reading order.
+
+The ROAD imputation is solved with Jacobi-preconditioned conjugate gradients on the full
+pixel grid (``jax.scipy.sparse.linalg.cg``, fixed shapes, vmapped over images and
+channels) instead of the reference's sparse direct solve; the system is symmetric
+positive definite whenever at least one pixel is kept. ``benchmarks/faithfulness_crosscheck.py``
+measures the difference to an exact solve (scipy ``spsolve``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from backdoor_jax.errors import ConfigError, check_choice
+
+LogitsFn = Callable[..., jax.Array]
+MapsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+class Curve(NamedTuple):
+  """A perturbation curve.
+
+  Attributes:
+    fractions: (S,) fraction of the pixels removed (deletion, ROAD, region
+      perturbation) or inserted (insertion) at each point.
+    scores: (B, S) target-class score (softmax probability or logit) at each point.
+    auc: (B,) trapezoidal area under ``scores`` over ``fractions``.
+  """
+  fractions: jax.Array
+  scores: jax.Array
+  auc: jax.Array
+
+
+class SanityResult(NamedTuple):
+  """Similarities of maps to the original ones (randomisation / random-logit tests).
+
+  Attributes:
+    similarity: name -> (B,) (random logit) or (L, B) (randomisation, one row per step).
+    labels: what each row is: the layers randomised so far (randomisation) or the
+      random classes (random logit, (B,)).
+  """
+  similarity: dict[str, jax.Array]
+  labels: Any
+
+
+# ----------------------------------------------------------------------------- scores
+
+def _probability(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32), -1), targets[:, None], -1)[:, 0]
+
+
+def _logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(logits.astype(jnp.float32), targets[:, None], -1)[:, 0]
+
+
+SCORES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {"probability": _probability, "logit": _logit}
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def _gaussian_blur(images: jax.Array, sigma: float) -> jax.Array:
+  """Separable Gaussian blur of (B, H, W, C) images with reflected borders."""
+  radius = max(1, int(np.ceil(2.0 * sigma)))
+  t = np.arange(-radius, radius + 1, dtype=np.float64)
+  k = np.exp(-0.5 * (t / sigma) ** 2)
+  k = jnp.asarray(k / k.sum(), images.dtype)
+  r = min(radius, images.shape[1] - 1, images.shape[2] - 1)
+  if r < radius:  # reflect padding needs a side longer than the radius: use edge padding then
+    x = jnp.pad(images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+  else:
+    x = jnp.pad(images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="reflect")
+  n = 2 * radius + 1
+  h, w = images.shape[1:3]
+  x = sum(k[i] * x[:, i:i + h, :, :] for i in range(n))
+  return sum(k[i] * x[:, :, i:i + w, :] for i in range(n))
+
+
+BASELINES: dict[str, Callable[..., jax.Array]] = {
+    "zeros": lambda images, blur_sigma: jnp.zeros_like(images),
+    "mean": lambda images, blur_sigma: jnp.broadcast_to(jnp.mean(images, axis=(1, 2), keepdims=True), images.shape),
+    "blur": lambda images, blur_sigma: _gaussian_blur(images, blur_sigma),
+}
+
+
+def make_baseline(images: jax.Array, baseline: str | jax.Array = "zeros", blur_sigma: float = 5.0) -> jax.Array:
+  """The image that removed pixels take their values from, (B, H, W, C).
+
+  Args:
+    images: (B, H, W, C) float images.
+    baseline: ``'zeros'``, ``'mean'`` (per-image, per-channel mean), ``'blur'``
+      (Gaussian blur, ``blur_sigma`` pixels; RISE's insertion start) or an array
+      broadcastable to the images.
+    blur_sigma: standard deviation of the blur in pixels.
+  Raises:
+    ConfigError: an unknown baseline name, a non-positive sigma, or an array that does
+      not broadcast.
+  """
+  if isinstance(baseline, str):
+    check_choice("baseline", baseline, BASELINES)
+    if not blur_sigma > 0:
+      raise ConfigError(f"blur_sigma={blur_sigma} must be > 0")
+    return BASELINES[baseline](images, float(blur_sigma))
+  baseline = jnp.asarray(baseline, images.dtype)
+  try:
+    return jnp.broadcast_to(baseline, images.shape)
+  except ValueError:
+    raise ConfigError(f"baseline of shape {baseline.shape} does not broadcast to the images {images.shape}") from None
+
+
+# ----------------------------------------------------------------------------- checks and ranks
+
+def _check(images: jax.Array, maps: jax.Array, targets: jax.Array) -> None:
+  chex.assert_rank(images, 4)
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ConfigError(f"images must be float model inputs; got dtype {images.dtype}")
+  if maps.shape != images.shape[:3]:
+    raise ConfigError(f"maps must have shape {images.shape[:3]} (B, H, W) like the images; got {maps.shape}")
+  if targets.shape != images.shape[:1]:
+    raise ConfigError(f"targets must have shape ({images.shape[0]},); got {targets.shape}")
+
+
+def _check_int(what: str, value: Any, lo: int) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
+    raise ConfigError(f"{what}={value!r} must be an integer >= {lo}")
+  return int(value)
+
+
+def pixel_ranks(maps: jax.Array, most_relevant_first: bool = True) -> jax.Array:
+  """Position of every pixel in the removal order, (B, H, W) int32 in [0, H*W).
+
+  Ties are broken by the flat pixel index (stable sort), so equal values go in reading order.
+  """
+  flat = maps.reshape(maps.shape[0], -1).astype(jnp.float32)
+  order = jnp.argsort(-flat if most_relevant_first else flat, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32).reshape(maps.shape)
+
+
+def _model(logits_fn: LogitsFn, variables: Any) -> Callable[[jax.Array], jax.Array]:
+  return (lambda x: logits_fn(x)) if variables is None else (lambda x: logits_fn(variables, x))
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "score", "steps_per_call", "insert"))
+def _ranked_curve(logits_fn: LogitsFn, variables: Any, images: jax.Array, replacement: jax.Array,
+                  ranks: jax.Array, counts: jax.Array, targets: jax.Array, score: str, steps_per_call: int,
+                  insert: bool) -> jax.Array:
+  """Scores (B, S) after replacing every pixel with rank < counts[s] (or, inserting, keeping only those)."""
+  f = _model(logits_fn, variables)
+
+  def one(count):
+    hit = (ranks < count)[..., None]
+    x = jnp.where(hit, images, replacement) if insert else jnp.where(hit, replacement, images)
+    return SCORES[score](f(x), targets)
+
+  return jax.lax.map(one, counts, batch_size=steps_per_call).T
+
+
+def _trapezoid(scores: jax.Array, fractions: jax.Array) -> jax.Array:
+  if fractions.shape[0] < 2:
+    return jnp.zeros(scores.shape[:1], scores.dtype)
+  return jnp.trapezoid(scores, fractions, axis=-1)
+
+
+def _prepare(images, maps, targets, score, steps_per_call):
+  images, maps, targets = jnp.asarray(images), jnp.asarray(maps), jnp.asarray(targets, jnp.int32)
+  _check(images, maps, targets)
+  check_choice("score", score, SCORES)
+  _check_int("steps_per_call", steps_per_call, 1)
+  return images, maps, targets
+
+
+# ----------------------------------------------------------------------------- deletion / insertion
+
+def _rise(logits_fn, images, maps, targets, n_steps, baseline, score, blur_sigma, variables, steps_per_call,
+          insert) -> Curve:
+  images, maps, targets = _prepare(images, maps, targets, score, steps_per_call)
+  n_steps = _check_int("n_steps", n_steps, 1)
+  n = images.shape[1] * images.shape[2]
+  counts = (np.arange(n_steps + 1) * n) // n_steps
+  replacement = make_baseline(images, baseline, blur_sigma)
+  scores = _ranked_curve(logits_fn, variables, images, replacement, pixel_ranks(maps), jnp.asarray(counts, jnp.int32),
+                         targets, score, steps_per_call, insert)
+  fractions = jnp.asarray(counts / n, jnp.float32)
+  return Curve(fractions, scores, _trapezoid(scores, fractions))
+
+
+def deletion(logits_fn: LogitsFn, images: jax.Array, maps: jax.Array, targets: jax.Array, *, n_steps: int = 32,
+             baseline: str | jax.Array = "zeros", score: str = "probability", blur_sigma: float = 5.0,
+             variables: Any = None, steps_per_call: int = 1) -> Curve:
+  """Deletion curve: the most relevant pixels are replaced by the baseline first.
+
+  Args:
+    logits_fn: ``logits_fn(x) -> (B, K)``, or ``logits_fn(variables, x)`` with ``variables``.
+    images: (B, H, W, C) float images (the space the baseline lives in).
+    maps: (B, H, W) relevance, larger = more relevant.
+    targets: (B,) class whose score is tracked.
+    n_steps: chunks; step s removes the first ``floor(s * H * W / n_steps)`` pixels.
+    baseline: ``'zeros'``, ``'mean'``, ``'blur'`` or an array (see :func:`make_baseline`).
+    score: ``'probability'`` (softmax) or ``'logit'``.
+    blur_sigma: for ``baseline='blur'``.
+    variables: passed to ``logits_fn`` as its first argument when given (traced, not baked in).
+    steps_per_call: curve points evaluated per model call (``lax.map`` batch size;
+      memory grows with it).
+  Returns:
+    Curve with ``n_steps + 1`` points (fraction 0 = the intact image); lower AUC = more faithful.
+  Raises:
+    ConfigError: bad shapes, dtypes or settings.
+  """
+  return _rise(logits_fn, images, maps, targets, n_steps, baseline, score, blur_sigma, variables, steps_per_call,
+               insert=False)
+
+
+def insertion(logits_fn: LogitsFn, images: jax.Array, maps: jax.Array, targets: jax.Array, *, n_steps: int = 32,
+              baseline: str | jax.Array = "blur", score: str = "probability", blur_sigma: float = 5.0,
+              variables: Any = None, steps_per_call: int = 1) -> Curve:
+  """Insertion curve: starting from the baseline, the most relevant pixels are restored first.
+
+  The mirror of :func:`deletion` (same arguments; RISE starts from a blurred image, the
+  default here). Higher AUC = more faithful.
+  """
+  return _rise(logits_fn, images, maps, targets, n_steps, baseline, score, blur_sigma, variables, steps_per_call,
+               insert=True)
+
+
+# ----------------------------------------------------------------------------- region perturbation
+
+def region_ranks(maps: jax.Array, patch_size: int) -> jax.Array:
+  """Rank of every pixel's k x k patch when patches are ordered by summed relevance, (B, H, W).
+
+  Patches tile the map without overlap; ties go in reading order of the patches.
+  """
+  b, h, w = maps.shape
+  k = patch_size
+  sums = maps.reshape(b, h // k, k, w // k, k).sum(axis=(2, 4))
+  ranks = pixel_ranks(sums)
+  return jnp.repeat(jnp.repeat(ranks, k, axis=1), k, axis=2)
+
+
+def region_perturbation(logits_fn: LogitsFn, images: jax.Array, maps: jax.Array, targets: jax.Array, *,
+                        patch_size: int = 4, n_regions: int | None = None, baseline: str | jax.Array = "zeros",
+                        score: str = "probability", blur_sigma: float = 5.0, variables: Any = None,
+                        steps_per_call: int = 1) -> Curve:
+  """Region perturbation: the most relevant k x k patches are replaced by the baseline, one per step.
+
+  Args:
+    patch_size: side k of the patches; must divide H and W (``1`` = pixel flipping).
+    n_regions: patches perturbed (default all); the curve has ``n_regions + 1`` points.
+    (others as in :func:`deletion`)
+  Returns:
+    Curve over the fraction of pixels perturbed; summarise with :func:`aopc`.
+  Raises:
+    ConfigError: a patch size that does not tile the image, bad settings.
+  """
+  images, maps, targets = _prepare(images, maps, targets, score, steps_per_call)
+  k = _check_int("patch_size", patch_size, 1)
+  h, w = images.shape[1:3]
+  if h % k or w % k:
+    raise ConfigError(f"patch_size={k} must divide the image size {h}x{w}")
+  total = (h // k) * (w // k)
+  n_regions = total if n_regions is None else _check_int("n_regions", n_regions, 1)
+  if n_regions > total:
+    raise ConfigError(f"n_regions={n_regions} exceeds the {total} patches of size {k} in a {h}x{w} image")
+  counts = np.arange(n_regions + 1)
+  replacement = make_baseline(images, baseline, blur_sigma)
+  scores = _ranked_curve(logits_fn, variables, images, replacement, region_ranks(maps, k),
+                         jnp.asarray(counts, jnp.int32), targets, score, steps_per_call, False)
+  fractions = jnp.asarray(counts / total, jnp.float32)
+  return Curve(fractions, scores, _trapezoid(scores, fractions))
+
+
+def aopc(curve: Curve) -> jax.Array:
+  """Area over the perturbation curve: mean over the points of (score at 0 - score), (B,)."""
+  return jnp.mean(curve.scores[:, :1] - curve.scores, axis=-1)
+
+
+# ----------------------------------------------------------------------------- ROAD
+
+# The reference's neighbour weights: 1/6 for the 4 direct, 1/12 for the 4 diagonal neighbours.
+_NEIGHBOURS = ((-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6), (0, 1, 1 / 6),
+               (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12))
+
+
+def _neighbour_sum(x: jax.Array) -> jax.Array:
+  """sum_o w_o x[i + o] over the 8 neighbours of every pixel of (..., H, W); outside = 0."""
+  h, w = x.shape[-2:]
+  pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
+  p = jnp.pad(x, pad)
+  return sum(wt * p[..., 1 + di:1 + di + h, 1 + dj:1 + dj + w] for di, dj, wt in _NEIGHBOURS)
+
+
+@functools.partial(jax.jit, static_argnames=("maxiter",))
+def linear_impute(images: jax.Array, removed: jax.Array, *, tol: float = 1e-6, maxiter: int = 1000) -> jax.Array:
+  """Fills removed pixels with the weighted mean of their neighbours (ROAD's linear imputation).
+
+  For every removed pixel i: ``W_i x_i - sum_{j removed} w_ij x_j = sum_{j kept} w_ij img_j``
+  with ``W_i`` the summed weight of i's in-image neighbours (so at borders the mean is
+  over the neighbours that exist), all removed pixels solved jointly. Solved by
+  Jacobi-preconditioned CG on the full grid (kept pixels get identity rows), per image
+  and channel.
+
+  Args:
+    images: (B, H, W, C) float.
+    removed: (B, H, W) bool, True = impute.
+    tol: CG relative residual tolerance.
+    maxiter: CG iteration cap.
+  Returns:
+    (B, H, W, C) images with removed pixels imputed (kept pixels unchanged).
+  """
+  chex.assert_rank(images, 4)
+  chex.assert_shape(removed, images.shape[:3])
+  x = jnp.moveaxis(images, -1, 1).astype(jnp.float32)          # (B, C, H, W)
+  m = removed.astype(jnp.float32)[:, None]                       # (B, 1, H, W)
+  m = jnp.broadcast_to(m, x.shape)
+  diag = _neighbour_sum(jnp.ones(x.shape[-2:], jnp.float32))     # W_i, (H, W)
+  rhs = m * _neighbour_sum((1.0 - m) * x)
+
+  def solve(b, mk):
+    op = lambda v: mk * (diag * v - _neighbour_sum(mk * v)) + (1.0 - mk) * v
+    precond = lambda r: r / jnp.where(mk > 0, diag, 1.0)
+    sol, _ = jax.scipy.sparse.linalg.cg(op, b, tol=tol, maxiter=maxiter, M=precond)
+    return sol
+
+  flat = lambda a: a.reshape((-1,) + a.shape[-2:])
+  sol = jax.vmap(solve)(flat(rhs), flat(m)).reshape(x.shape)
+  out = jnp.where(m > 0, sol, x)
+  return jnp.moveaxis(out, 1, -1).astype(images.dtype)
+
+
+def noisy_linear_impute(images: jax.Array, removed: jax.Array, key: jax.Array | None, noise: float = 0.01, *,
+                        tol: float = 1e-6, maxiter: int = 1000) -> jax.Array:
+  """:func:`linear_impute` plus N(0, noise^2) on every imputed value (ROAD's default noise 0.01)."""
+  out = linear_impute(images, removed, tol=tol, maxiter=maxiter)
+  if key is None:
+    return out
+  eps = noise * jax.random.normal(key, images.shape, out.dtype)
+  return jnp.where(removed[..., None], out + eps, out)
+
+
+ROAD_ORDERS = ("morf", "lerf")
+
+
+def road_removed(maps: jax.Array, fraction: float, order: str = "morf") -> jax.Array:
+  """(B, H, W) bool: the ``round(fraction * H * W)`` most (``morf``) or least (``lerf``) relevant pixels."""
+  check_choice("ROAD order", order, ROAD_ORDERS)
+  n = maps.shape[1] * maps.shape[2]
+  count = int(round(float(fraction) * n))
+  return pixel_ranks(maps, most_relevant_first=order == "morf") < count
+
+
+def road(logits_fn: LogitsFn, images: jax.Array, maps: jax.Array, targets: jax.Array, *,
+         fractions: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), order: str = "morf",
+         noise: float = 0.01, key: jax.Array | None = None, score: str = "probability", variables: Any = None,
+         tol: float = 1e-6, maxiter: int = 1000) -> Curve:
+  """ROAD: score after removing a fraction of the pixels and imputing them (noisy linear).
+
+  Args:
+    logits_fn, images, maps, targets, score, variables: as in :func:`deletion`.
+    fractions: fractions of the pixels removed (each ``round(f * H * W)`` pixels).
+    order: ``'morf'`` (most relevant first: a faithful map drops fast) or ``'lerf'``
+      (least relevant first: a faithful map keeps the score).
+    noise: standard deviation of the Gaussian noise added to imputed values (needs ``key``).
+    key: PRNG key of the noise (folded with the fraction's index); may be None when noise is 0.
+    tol, maxiter: CG settings of the imputation.
+  Returns:
+    Curve over ``fractions`` (its ``auc`` spans only the given fractions).
+  Raises:
+    ConfigError: bad order, fractions outside [0, 1), a missing key with noise > 0, bad shapes.
+  """
+  images, maps, targets = _prepare(images, maps, targets, score, 1)
+  check_choice("ROAD order", order, ROAD_ORDERS)
+  fr = [float(f) for f in fractions]
+  if not fr or any(not 0.0 <= f < 1.0 for f in fr):
+    raise ConfigError(f"ROAD fractions must be a non-empty list of values in [0, 1); got {list(fractions)}")
+  if noise < 0:
+    raise ConfigError(f"ROAD noise={noise} must be >= 0")
+  if noise > 0 and key is None:
+    raise ConfigError("ROAD with noise > 0 needs a PRNG key (or noise=0)")
+  n = images.shape[1] * images.shape[2]
+  counts = jnp.asarray([int(round(f * n)) for f in fr], jnp.int32)
+  key = jax.random.key(0) if key is None else key
+  ranks = pixel_ranks(maps, most_relevant_first=order == "morf")
+  scores = _road_curve(logits_fn, variables, images, ranks, targets, counts, key, jnp.float32(noise), score,
+                       float(tol), int(maxiter))
+  fractions_arr = jnp.asarray(fr, jnp.float32)
+  return Curve(fractions_arr, scores, _trapezoid(scores, fractions_arr))
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "score", "maxiter"))
+def _road_curve(logits_fn, variables, images, ranks, targets, counts, key, noise, score, tol, maxiter):
+  """(B, P) scores after removing the pixels of rank < ``counts[p]`` and imputing them."""
+  f = _model(logits_fn, variables)
+
+  def one(args):
+    i, count = args
+    x = noisy_linear_impute(images, ranks < count, jax.random.fold_in(key, i), noise, tol=tol, maxiter=maxiter)
+    return SCORES[score](f(x), targets)
+
+  return jax.lax.map(one, (jnp.arange(counts.shape[0]), counts)).T
+
+
+# ----------------------------------------------------------------------------- similarities
+
+def rank_average_ties(x: jax.Array) -> jax.Array:
+  """1-based ranks along the last axis, ties given their average rank (scipy's ``rankdata``)."""
+  s = jnp.sort(x, axis=-1)
+  lo = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left"))(s.reshape(-1, s.shape[-1]),
+                                                                  x.reshape(-1, x.shape[-1]))
+  hi = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="right"))(s.reshape(-1, s.shape[-1]),
+                                                                   x.reshape(-1, x.shape[-1]))
+  return ((lo + hi + 1) / 2.0).reshape(x.shape).astype(jnp.float32)
+
+
+def pearson(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-image Pearson correlation of (B, H, W) maps; 0 where either map is constant."""
+  a = a.reshape(a.shape[0], -1).astype(jnp.float32)
+  b = b.reshape(b.shape[0], -1).astype(jnp.float32)
+  a = a - a.mean(-1, keepdims=True)
+  b = b - b.mean(-1, keepdims=True)
+  den = jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1))
+  ok = den > 1e-12 * jnp.maximum(1.0, jnp.max(jnp.abs(a), -1) * jnp.max(jnp.abs(b), -1))
+  return jnp.where(ok, jnp.sum(a * b, -1) / jnp.where(ok, den, 1.0), 0.0)
+
+
+def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-image Spearman rank correlation (average ranks for ties); 0 where a map is constant."""
+  flat = lambda m: m.reshape(m.shape[0], -1)
+  return pearson(rank_average_ties(flat(a)), rank_average_ties(flat(b)))
+
+
+def ssim(a: jax.Array, b: jax.Array, data_range: float = 1.0, win_size: int = 7) -> jax.Array:
+  """Per-image mean SSIM of (B, H, W) maps (scikit-image's defaults: uniform 7x7 window,
+  sample covariance, K1 = 0.01, K2 = 0.03, mean over the windows that fit inside the image)."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  win = min(win_size, a.shape[1], a.shape[2])
+  win -= (win + 1) % 2  # odd
+  npx = win * win
+  box = lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, win, win), (1, 1, 1), "VALID") / npx
+  ua, ub = box(a), box(b)
+  cov = npx / (npx - 1) if npx > 1 else 1.0
+  va, vb, vab = cov * (box(a * a) - ua * ua), cov * (box(b * b) - ub * ub), cov * (box(a * b) - ua * ub)
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  s = ((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua * ua + ub * ub + c1) * (va + vb + c2))
+  return jnp.mean(s, axis=(1, 2))
+
+
+SIMILARITIES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "spearman": spearman, "pearson": pearson, "ssim": ssim}
+
+
+def similarities(a: jax.Array, b: jax.Array, names: Sequence[str] = ("spearman", "ssim", "pearson")
+                 ) -> dict[str, jax.Array]:
+  """``{name: (B,)}`` similarities of two batches of maps (SSIM assumes maps in [0, 1])."""
+  for n in names:
+    check_choice("similarity", n, SIMILARITIES)
+  chex.assert_equal_shape([a, b])
+  chex.assert_rank(a, 3)
+  return {n: SIMILARITIES[n](a, b) for n in names}
+
+
+# ----------------------------------------------------------------------------- sanity checks
+
+def _redraw(key: jax.Array, leaf: jax.Array) -> jax.Array:
+  """A leaf re-drawn as Gaussian with the leaf's own mean and std (constant leaves unchanged)."""
+  leaf = jnp.asarray(leaf)
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    return leaf
+  return leaf.mean() + leaf.std() * jax.random.normal(key, leaf.shape, leaf.dtype)
+
+
+def randomize_layers(variables: Any, layers: Sequence[str], key: jax.Array,
+                     random_variables: Any | None = None) -> Any:
+  """``variables`` with the parameters of ``layers`` (top-level names in ``params``) re-initialised.
+
+  Args:
+    variables: ``{'params': {layer: ...}, 'batch_stats'?: ...}``.
+    layers: top-level module names to re-initialise.
+    key: PRNG key (folded with the layer's position in ``params``), used when
+      ``random_variables`` is None: each leaf is re-drawn from a Gaussian with its own
+      mean and standard deviation.
+    random_variables: a fresh initialisation of the same model (e.g. ``model.init``
+      with another seed); the layer's subtree is taken from it, in every collection
+      that has it (params and BatchNorm statistics).
+  Raises:
+    ConfigError: a layer name that is not a top-level entry of ``params``.
+  """
+  params = variables["params"]
+  names = list(params)
+  for layer in layers:
+    if layer not in params:
+      raise ConfigError(f"unknown layer {layer!r} to randomise; valid: {', '.join(names)}")
+  out = {c: dict(v) if isinstance(v, dict) or hasattr(v, "items") else v for c, v in variables.items()}
+  for layer in layers:
+    if random_variables is not None:
+      for c, tree in random_variables.items():
+        if c in out and hasattr(tree, "items") and layer in tree:
+          out[c][layer] = tree[layer]
+    else:
+      sub = jax.random.fold_in(key, names.index(layer))
+      leaves, treedef = jax.tree_util.tree_flatten(params[layer])
+      keys = jax.random.split(sub, max(1, len(leaves)))
+      out["params"][layer] = jax.tree_util.tree_unflatten(treedef, [_redraw(k, l) for k, l in zip(keys, leaves)])
+  return out
+
+
+def randomization_test(maps_fn: MapsFn, variables: Any, images: jax.Array, targets: jax.Array, *,
+                       layers: Sequence[str] | None = None, key: jax.Array | None = None,
+                       random_variables: Any | None = None, cascade: bool = True,
+                       similarity: Sequence[str] = ("spearman", "ssim", "pearson")) -> SanityResult:
+  """Model-parameter randomisation test (cascading from the top layer down by default).
+
+  Args:
+    maps_fn: ``maps_fn(variables, images, targets) -> (B, H, W)`` maps (jit-compiled
+      here once; the randomised variables have the original's structure).
+    variables: the trained model's variables.
+    images: (B, H, W, C) model inputs.
+    targets: (B,) classes explained (the same for every model).
+    layers: top-level parameter names from the output layer down; default the order of
+      ``variables['params']`` reversed (Flax inits in call order; give it explicitly
+      for restored checkpoints whose keys may be sorted).
+    key: PRNG key for the re-draws (needed without ``random_variables``).
+    random_variables: a fresh initialisation to take re-initialised layers from.
+    cascade: True = step i randomises layers[0..i]; False = only layers[i].
+    similarity: names from :data:`SIMILARITIES`.
+  Returns:
+    SanityResult with ``similarity[name]`` of shape (L + 1, B): row 0 is the intact
+    model (1 for any non-constant map), row i + 1 after randomising ``labels[i + 1]``;
+    ``labels`` = ``('none',) + layers``. Low similarity = the map depends on the parameters.
+  Raises:
+    ConfigError: unknown layers or similarity names, no key and no random_variables.
+  """
+  if layers is None:
+    layers = list(reversed(list(variables["params"])))
+  layers = list(layers)
+  if key is None and random_variables is None:
+    raise ConfigError("randomization_test needs a PRNG key or random_variables")
+  key = jax.random.key(0) if key is None else key
+  randomize_layers(variables, layers, key, None)  # validates the names before any compute
+  for n in similarity:
+    check_choice("similarity", n, SIMILARITIES)
+  images, targets = jnp.asarray(images), jnp.asarray(targets, jnp.int32)
+  jitted = jax.jit(maps_fn)
+  base = jitted(variables, images, targets)
+  rows = [similarities(base, base, similarity)]
+  for i in range(len(layers)):
+    chosen = layers[:i + 1] if cascade else [layers[i]]
+    maps = jitted(randomize_layers(variables, chosen, key, random_variables), images, targets)
+    rows.append(similarities(base, maps, similarity))
+  sim = {n: jnp.stack([r[n] for r in rows]) for n in similarity}
+  return SanityResult(sim, ("none",) + tuple(layers))
+
+
+def random_logit_test(maps_fn: MapsFn, variables: Any, images: jax.Array, targets: jax.Array, num_classes: int,
+                      key: jax.Array, *, similarity: Sequence[str] = ("spearman", "ssim", "pearson")
+                      ) -> SanityResult:
+  """Random-logit test: similarity of the map of ``targets`` to that of a random other class.
+
+  Returns:
+    SanityResult with ``similarity[name]`` (B,) and ``labels`` the random classes (B,).
+    Low similarity = the map depends on the class explained.
+  Raises:
+    ConfigError: fewer than 2 classes, unknown similarity names.
+  """
+  num_classes = _check_int("num_classes", num_classes, 2)
+  for n in similarity:
+    check_choice("similarity", n, SIMILARITIES)
+  images, targets = jnp.asarray(images), jnp.asarray(targets, jnp.int32)
+  other = (targets + jax.random.randint(key, targets.shape, 1, num_classes)) % num_classes
+  jitted = jax.jit(maps_fn)
+  return SanityResult(similarities(jitted(variables, images, targets), jitted(variables, images, other), similarity),
+                      other)
