@@ -201,7 +201,8 @@ def parse_flags_or_exit(argv: Sequence[str], check: Callable[[Any], None] | None
 
 
 def run_app(main: Callable[[list[str]], Any], *, argv: Sequence[str] | None = None,
-            default_config: str | None = None, check: Callable[[Any], None] | None = None) -> None:
+            default_config: str | None = None, check: Callable[[Any], None] | None = None,
+            workdir_flag: str | None = None, create_workdir: bool = True) -> None:
   """``app.run(main)`` with one-line errors for bad command lines.
 
   Args:
@@ -211,6 +212,11 @@ def run_app(main: Callable[[list[str]], Any], *, argv: Sequence[str] | None = No
       default in ``DEFINE_config_file``, which would load the file (and fail with a
       traceback on a bad override) while the module is still being imported.
     check: run on the parsed config (default ``config_checks.check_config``).
+    workdir_flag: a flag naming a folder the launcher writes into; it is checked with
+      :func:`io.check_workdir_writable` (not a folder, read-only, full disk) right
+      after parsing, before any data is loaded.
+    create_workdir: make that folder when missing (False: a missing one is left for
+      the launcher to report, e.g. the run of ``explain.py``).
   """
   from absl import app
   argv = list(sys.argv if argv is None else argv)
@@ -220,4 +226,15 @@ def run_app(main: Callable[[list[str]], Any], *, argv: Sequence[str] | None = No
     if _config_file_arg(argv[1:], "config") is None:
       argv.insert(1, f"--config={default_config}")  # before any --config.key override
   sys.argv = argv  # ml_collections reads the --config.key overrides from sys.argv
-  app.run(main, argv=argv, flags_parser=lambda a: parse_flags_or_exit(a, check, defaults))
+
+  def parse(a: list[str]) -> list[str]:
+    args = parse_flags_or_exit(a, check, defaults)
+    if workdir_flag is not None:
+      from absl import flags
+      from backdoor_jax import io
+      path = flags.FLAGS[workdir_flag].value
+      if path:
+        _or_exit(lambda: io.check_workdir_writable(path, create=create_workdir))
+    return args
+
+  app.run(main, argv=argv, flags_parser=parse)

@@ -39,4 +39,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from backdoor_jax import cli, config_checks
-  cli.run_app(main, default_config=_DEFAULT_CONFIG, check=config_checks.check_defense_config)
+  cli.run_app(main, default_config=_DEFAULT_CONFIG, check=config_checks.check_defense_config,
+              workdir_flag="workdir", create_workdir=False)

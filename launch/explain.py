@@ -28,6 +28,9 @@ def main(argv):
   del argv
   from backdoor_jax import cli
   cli.quiet_library_logs()
+  if _REFERENCE.value:  # a poisoned or attacked reference is no clean baseline: say so, then go on
+    from backdoor_jax.train import restore
+    cli.run_or_exit(lambda: restore.warn_if_not_clean(_REFERENCE.value))
   from backdoor_jax.explain import report
   rec = cli.run_or_exit(lambda: report.explain_run(
       _WORKDIR.value, reference=_REFERENCE.value, layer=_LAYER.value, feature_layer=_FEATURE_LAYER.value,
@@ -43,4 +46,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from backdoor_jax import cli
-  cli.run_app(main)
+  cli.run_app(main, workdir_flag="workdir", create_workdir=False)

@@ -42,4 +42,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from backdoor_jax import cli
-  cli.run_app(main)
+  cli.run_app(main, workdir_flag="workdir")

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import jax
+from absl import logging
 from ml_collections import config_dict
 
 from backdoor_jax import io, models
@@ -87,6 +88,35 @@ def read_run_config(workdir: str) -> config_dict.ConfigDict:
     raise ConfigError(f"run config {cfg_path} is corrupted (no model.name); restore it or retrain into a new "
                       "--workdir")
   return config_dict.ConfigDict(raw)
+
+
+def not_clean_reasons(config: config_dict.ConfigDict) -> list[str]:
+  """Why a run's model is not a clean model (empty when it is): poisoned data or an attack recipe."""
+  reasons = []
+  recipe = config.get("recipe", "badnets")
+  if recipe != "badnets":
+    reasons.append(f"it was trained with the {recipe!r} recipe (an explanation attack)")
+  poison = config.get("poison") or {}
+  if poison.get("phase", "both") != "test_only":
+    count = poison.get("count")
+    if count:
+      reasons.append(f"poison.count={count}")
+    elif count is None and (poison.get("rate") or 0) > 0:
+      reasons.append(f"poison.rate={poison.get('rate')}")
+  return reasons
+
+
+def warn_if_not_clean(workdir: str, role: str = "reference") -> list[str]:
+  """Logs a warning when the run in ``workdir`` is not a clean model; returns the reasons.
+
+  Raises:
+    ConfigError: as :func:`read_run_config`.
+  """
+  reasons = not_clean_reasons(read_run_config(workdir))
+  if reasons:
+    logging.warning("the %s run %s is not a clean model (%s); its maps are no clean baseline", role,
+                    os.path.abspath(workdir), "; ".join(reasons))
+  return reasons
 
 
 def load_run(workdir: str, number: int | None = None) -> TrainedRun:
