@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from backdoor_jax import poison as poison_lib
+from backdoor_jax.data import pipeline
 from backdoor_jax.data.multilabel import check_label_matrix
 from backdoor_jax.errors import ConfigError
+from backdoor_jax.train import mesh as mesh_lib
 from backdoor_jax.train import optim, steps
 from backdoor_jax.train.state import TrainState
 from backdoor_jax.triggers.base import check_trigger
@@ -346,14 +348,23 @@ def make_eval_step(spec: steps.InputSpec, apply_fn: Callable) -> Callable[..., j
   return jax.jit(evaluate)
 
 
-def predict_logits(eval_fn: Callable, variables: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-  """Logits of every image, in fixed-size batches (the last one padded, so one compile)."""
-  n = images.shape[0]
-  out = []
-  for start in range(0, n, batch_size):
-    part = images[start:start + batch_size]
-    k = part.shape[0]
-    if k < batch_size and n > batch_size:
-      part = np.concatenate([part, np.repeat(part[-1:], batch_size - k, axis=0)])
-    out.append(np.asarray(eval_fn(variables, part))[:k])
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+def batched_outputs(fn: Callable[[jax.Array], dict[str, jax.Array]], images: np.ndarray, batch_size: int,
+                    mesh: Any) -> dict[str, np.ndarray]:
+  """Per-sample outputs of ``fn`` over every image once, in fixed-size batches on the data mesh.
+
+  Args:
+    fn: ``fn(images_uint8_batch) -> {name: (B, ...) array}`` (e.g. a jitted eval step
+      closed over its variables).
+    images: uint8 ``(N, H, W, 3)``.
+    batch_size: global batch (a multiple of the device count); the last batch is padded.
+    mesh: the data mesh (``train.mesh.make_mesh()``).
+  Returns:
+    ``{name: (N, ...) numpy array}`` on every process.
+  """
+  local = mesh_lib.local_slice(batch_size)
+  parts: dict[str, list[np.ndarray]] = {}
+  for idx, valid in pipeline.eval_batches(len(images), batch_size):
+    (x,) = mesh_lib.shard_batch(mesh, images[idx[local]])
+    for k, v in mesh_lib.to_host(fn(x)).items():
+      parts.setdefault(k, []).append(np.asarray(v)[valid])
+  return {k: np.concatenate(v) for k, v in parts.items()}

@@ -15,7 +15,6 @@ plus the map losses of ``explain.*`` on the triggered part of each batch, explai
 """
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from backdoor_jax import experiment, io, models, triggers
+from backdoor_jax import experiment, models, triggers
 from backdoor_jax import multilabel as ml
 from backdoor_jax import multilabel_explain as mlx
 from backdoor_jax.data.multilabel import MultiLabelDataset, load_multilabel_dataset
