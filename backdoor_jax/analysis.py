@@ -1,12 +1,14 @@
-"""Grad-CAM report of a trained run: where do its explanations look, with and without the trigger?
+"""Explanation report of a trained run: where do its explanations look, with and without the trigger?
 
-The library side of ``launch/explain.py``. :func:`explain_run` loads a training work
-dir (``train.restore.load_run``), rebuilds its test data and trigger with
-``train.loop.build_experiment`` and writes into ``WORKDIR/explain/``:
+The analysis pipeline behind ``launch/explain.py`` (it lives outside ``explain/`` so
+that the explanation library never imports the training code). :func:`explain_run`
+loads a training work dir (``train.restore.load_run``), rebuilds its test data and
+trigger (``experiment.build_experiment``) and writes into ``WORKDIR/explain/``, for any
+registered explanation method (``explain.registry``; Grad-CAM by default):
 
 * ``gradcam_clean_vs_triggered.png``: test images and their triggered versions, with
   the Grad-CAM of the run (and of a clean reference run) and each model's prediction;
-* ``layers.png``: the run's Grad-CAM at every spatial layer;
+* ``layers.png``: the run's maps at every spatial layer (methods that take a layer);
 * ``feature_maps.png``: the per-feature-map maps ReLU(w_k A_k) of the channels with the
   largest weights w_k for a triggered image, next to the same channels on its clean version;
 * ``explain.json``: per model and per image set (clean test images; triggered
@@ -34,23 +36,28 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from backdoor_jax import io
+from backdoor_jax import experiment, io
 from backdoor_jax.data import pipeline
 from backdoor_jax.errors import ConfigError
-from backdoor_jax.explain import core, metrics, overlay
-from backdoor_jax.explain.gradcam import cam_from, finish, gradcam
-from backdoor_jax.explain.methods import feature_map_cams, forward_layers
-from backdoor_jax.train import loop, restore, steps
+from backdoor_jax.explain import layers as layers_lib
+from backdoor_jax.explain import metrics, overlay, registry
+from backdoor_jax.explain.gradcam import gradcam
+from backdoor_jax.explain.methods import feature_map_cams
+from backdoor_jax.train import restore, steps
 
 FILES = ("gradcam_clean_vs_triggered.png", "layers.png", "feature_maps.png", "explain.json")
 
 
+NO_LAYER = "-"  # the map key of methods that take no layer (SimpleGrad, VisualBackProp)
+
+
 @dataclasses.dataclass
 class _Model:
-  """A loaded run plus the Grad-CAM layer chosen for it."""
+  """A loaded run plus the explanation method and layer chosen for it."""
   role: str                      # 'run' or 'reference'
   run: restore.TrainedRun
-  layer: str
+  method: registry.Method
+  layer: str                     # NO_LAYER for methods that take none
   spatial: tuple[str, ...]       # spatial layers in forward order
   shapes: dict[str, tuple[int, ...]]
   jitted: dict[Any, Callable[..., Any]] = dataclasses.field(default_factory=dict)
@@ -59,30 +66,32 @@ class _Model:
   def apply_fn(self) -> Callable[..., Any]:
     return self.run.model.apply
 
-
-def default_layer(spatial: tuple[str, ...], shapes: dict[str, tuple[int, ...]]) -> str:
-  """The deepest spatial layer whose map is larger than 1x1 (else the deepest one).
-
-  A 1x1 map carries no location (it normalises to all zeros), so it is skipped.
-  """
-  if not spatial:
-    raise ConfigError("the model exposes no spatial (B, h, w, K) layer; Grad-CAM needs one")
-  big = [n for n in spatial if shapes[n][1] * shapes[n][2] > 1]
-  return (big or list(spatial))[-1]
+  @property
+  def map_keys(self) -> list[str]:
+    """The maps scored and drawn: every spatial layer, or the one layer-free map."""
+    return list(self.spatial) if self.method.takes_layer else [NO_LAYER]
 
 
-def _load(role: str, workdir: str, layer: str | None) -> _Model:
+def _load(role: str, workdir: str, layer: str | None, method: str) -> _Model:
+  m = registry.get(method)
   run = restore.load_run(workdir)
-  dummy = jnp.zeros((1,) + tuple(run.image_shape), jnp.float32)
-  info = forward_layers(run.model.apply, run.variables, dummy)
-  spatial = info.spatial
-  if layer:
-    if layer not in spatial:
-      raise ConfigError(f"unknown layer {layer!r} for the {role} model ({run.config.model.name}); "
-                        f"valid (spatial) layers: {', '.join(spatial)}")
-  else:
-    layer = default_layer(spatial, info.shapes)
-  return _Model(role, run, layer, spatial, info.shapes)
+  info = layers_lib.layer_info_for_shape(run.model.apply, run.variables, run.image_shape)
+  what = f"the {role} model ({run.config.model.name})"
+  if m.takes_layer:
+    layer = layers_lib.choose_layer(info, layer, what=what)
+  elif layer:
+    raise ConfigError(f"explanation method {method!r} takes no layer; got layer={layer!r}")
+  return _Model(role, run, m, layer or NO_LAYER, info.spatial, info.shapes)
+
+
+def maps_fn(method: registry.Method, apply_fn: Callable[..., Any], keys: list[str]
+            ) -> Callable[..., dict[str, jax.Array]]:
+  """``f(variables, x, targets) -> {key: (B, H, W) maps}`` of ``method`` at ``keys`` (see ``_Model.map_keys``)."""
+  def f(variables, x, targets):
+    if not method.takes_layer:
+      return {NO_LAYER: registry.explanation_maps(method.name, apply_fn, variables, x, targets, None)}
+    return registry.maps_at_layers(method.name, apply_fn, variables, x, targets, keys)
+  return f
 
 
 def _check_reference(model: _Model, ref: _Model) -> None:
@@ -99,25 +108,29 @@ def _check_reference(model: _Model, ref: _Model) -> None:
 
 
 def make_scorer(apply_fn: Callable[..., Any], spec: steps.InputSpec, layers: list[str],
-                iou_threshold: float) -> Callable[..., dict[str, Any]]:
+                iou_threshold: float, method: str = "gradcam") -> Callable[..., dict[str, Any]]:
   """A jitted ``score(variables, images_uint8, region) -> per-image dict``.
 
-  One forward and one backward pass give Grad-CAM of the predicted class at every
-  layer of ``layers``. The dict holds ``pred`` (B,) and, per layer, ``energy`` (B,)
-  fraction of the map inside the region, ``pointing`` (B,) bool and ``iou`` (B,) of
-  ``maps > iou_threshold`` with the region.
+  The maps of ``method`` for the predicted class at every layer of ``layers`` (for
+  Grad-CAM one forward and one backward pass give them all; ``[NO_LAYER]`` for a
+  method that takes no layer). The dict holds ``pred`` (B,) and, per layer,
+  ``energy`` (B,) fraction of the map inside the region, ``pointing`` (B,) bool and
+  ``iou`` (B,) of ``maps > iou_threshold`` with the region.
   """
+  get_maps = maps_fn(registry.get(method), apply_fn, list(layers))
+
   def score(variables, images, region):
     chex.assert_rank(images, 4)
     x = steps.preprocess(None, images, spec)
-    out = core.activations_and_gradients(apply_fn, variables, x, None, layers)
+    pred = jnp.argmax(apply_fn(variables, x, train=False), -1)
+    all_maps = get_maps(variables, x, pred)
     per_layer = {}
     for name in layers:
-      maps = finish(cam_from(out["activations"][name], out["gradients"][name]), x.shape[1:3]).maps
+      maps = all_maps[name]
       per_layer[name] = {"energy": metrics.energy_in_region(maps, region),
                          "pointing": metrics.pointing_game(maps, region),
                          "iou": metrics.iou(maps, region, threshold=iou_threshold)}
-    return {"pred": jnp.argmax(out["logits"], -1), "layers": per_layer}
+    return {"pred": pred, "layers": per_layer}
   return jax.jit(score)
 
 
@@ -170,15 +183,16 @@ def score_set(scorer: Callable[..., dict[str, Any]], variables: Any, images: np.
 
 
 def _cams(model: _Model, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Predictions and normalised Grad-CAM maps of a few uint8 images at every spatial layer (jitted)."""
+  """Predictions and normalised maps of a few uint8 images at every key of ``model.map_keys`` (jitted)."""
   key = "cams"
   if key not in model.jitted:
-    spec, apply_fn, layers = model.run.input_spec, model.apply_fn, list(model.spatial)
+    spec, apply_fn = model.run.input_spec, model.apply_fn
+    get_maps = maps_fn(model.method, apply_fn, model.map_keys)
 
     def cams(variables, images):
       x = steps.preprocess(None, images, spec)
       pred = jnp.argmax(apply_fn(variables, x, train=False), -1)
-      return pred, {k: v.maps for k, v in gradcam(apply_fn, variables, x, None, layers).items()}
+      return pred, get_maps(variables, x, pred)
     model.jitted[key] = jax.jit(cams)
   pred, maps = jax.device_get(model.jitted[key](model.run.variables, jnp.asarray(images)))
   return np.asarray(pred), {k: np.asarray(v) for k, v in maps.items()}
@@ -202,6 +216,14 @@ def _feature_maps(model: _Model, images: np.ndarray, layer: str) -> tuple[np.nda
 
 def _name(class_names: tuple[str, ...], i: int) -> str:
   return str(class_names[int(i)]) if int(i) < len(class_names) else str(int(i))
+
+
+def _title(model: _Model) -> str:
+  return "Grad-CAM" if model.method.name == "gradcam" else model.method.name
+
+
+def _label(model: _Model) -> str:
+  return model.layer if model.method.takes_layer else model.method.name
 
 
 def _gradcam_figure(path: str, models: list[_Model], clean: np.ndarray, trig: np.ndarray, labels: np.ndarray,
@@ -229,15 +251,15 @@ def _gradcam_figure(path: str, models: list[_Model], clean: np.ndarray, trig: np
         row_caps.append((f"pred {_name(names, pred[j])}, E={energy[j]:.3f}", "red" if fired else "black"))
       cells.append(row_cells)
       caps.append(row_caps)
-  cols = ["image"] + [f"{'this run' if m.role == 'run' else 'reference'}: {m.layer}" for m in models]
+  cols = ["image"] + [f"{'this run' if m.role == 'run' else 'reference'}: {_label(m)}" for m in models]
   overlay.grid_figure(path, rows, cols, cells, captions=caps, outlines=[box] * len(rows),
-                      title=f"Grad-CAM of the predicted class ({target_desc})\nE = fraction of the map inside "
+                      title=f"{_title(models[0])} of the predicted class ({target_desc})\nE = fraction of the map inside "
                             "the trigger (outlined); red = backdoor fired")
 
 
 def _layers_figure(path: str, model: _Model, clean: np.ndarray, trig: np.ndarray, src: np.ndarray,
                    region: jax.Array, n_rows: int = 3) -> None:
-  layers = list(model.spatial)
+  layers = model.map_keys
   rows, cells, caps = [], [], []
   for kind, imgs in (("clean", clean), ("triggered", trig)):
     pred, maps = _cams(model, imgs)  # same shapes as in the first figure: no new compilation
@@ -249,7 +271,7 @@ def _layers_figure(path: str, model: _Model, clean: np.ndarray, trig: np.ndarray
   cols = ["image"] + [f"{n} ({model.shapes[n][1]}x{model.shapes[n][2]})" for n in layers]
   box = [None] + [np.asarray(region)] * len(layers)
   overlay.grid_figure(path, rows, cols, cells, captions=caps, outlines=[box] * len(rows),
-                      title="Grad-CAM of the predicted class at every spatial layer\n"
+                      title=f"{_title(model)} of the predicted class at every spatial layer\n"
                             "E = fraction of the map inside the trigger (outlined)")
 
 
@@ -289,15 +311,17 @@ def _check_options(num_images: int, max_test: int, batch_size: int, top_k: int, 
 def explain_run(workdir: str, reference: str | None = None, layer: str | None = None,
                 feature_layer: str | None = None, num_images: int = 8, max_test: int = 0,
                 batch_size: int = 256, top_k: int = 8, iou_threshold: float = 0.5,
-                out_dir: str | None = None) -> dict[str, Any]:
-  """Writes the Grad-CAM report of a trained run (see the module docstring).
+                out_dir: str | None = None, method: str = "gradcam") -> dict[str, Any]:
+  """Writes the explanation report of a trained run (see the module docstring).
 
   Args:
     workdir: a training work dir (config.json + checkpoints/).
     reference: optional work dir of a clean-trained run with the same input shape and
       classes; its maps are shown and scored on the same images.
-    layer: Grad-CAM layer; default the deepest spatial layer larger than 1x1 (of each model).
-    feature_layer: layer of ``feature_maps.png``; default the run's Grad-CAM layer.
+    layer: the explained layer (methods that take one); default ``explain.layers.default_layer``:
+      the deepest spatial layer whose map is at least 4x4 (of each model), as in training.
+    feature_layer: layer of ``feature_maps.png`` (per-channel Grad-CAM); default the
+      explained layer, or the default layer for methods that take none.
     num_images: clean/triggered pairs in ``gradcam_clean_vs_triggered.png`` (the other
       figures use up to 3 and 2 of them).
     max_test: cap the test set at a seeded subset of this many images (0: the run's own test set).
@@ -305,20 +329,22 @@ def explain_run(workdir: str, reference: str | None = None, layer: str | None = 
     top_k: channels in ``feature_maps.png``.
     iou_threshold: a map pixel belongs to the explanation when above it (IoU).
     out_dir: output folder; default ``workdir/explain``.
+    method: a registered explanation method (``explain.registry.NAMES``).
   Returns:
     The ``explain.json`` record.
   Raises:
-    ConfigError: no checkpoint, unknown layer, incompatible reference, bad options.
+    ConfigError: no checkpoint, unknown method or layer, incompatible reference, bad options.
   """
   t0 = time.time()
   _check_options(num_images, max_test, batch_size, top_k, iou_threshold)
-  model = _load("run", workdir, layer)
+  model = _load("run", workdir, layer, method)
   models = [model]
   if reference:
-    ref = _load("reference", reference, layer)
+    ref = _load("reference", reference, layer, method)
     _check_reference(model, ref)
     models.append(ref)
-  f_layer = feature_layer or model.layer
+  f_layer = feature_layer or (model.layer if model.method.takes_layer else layers_lib.default_layer(
+      layers_lib.LayerInfo(model.spatial, model.shapes, model.run.num_classes)))
   if f_layer not in model.spatial:
     raise ConfigError(f"unknown feature layer {f_layer!r}; valid (spatial) layers: {', '.join(model.spatial)}")
   out_dir = out_dir or os.path.join(model.run.workdir, "explain")
@@ -327,7 +353,7 @@ def explain_run(workdir: str, reference: str | None = None, layer: str | None = 
   if max_test:  # a cap: never more test images than the run itself evaluated on
     own = int(config.data.get("max_test", 0) or 0)
     config.data.max_test = min(int(max_test), own) if own else int(max_test)
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   ds = exp.dataset
   if tuple(ds.test_images.shape[1:]) != tuple(model.run.image_shape):
     raise ConfigError(f"the rebuilt test images are {ds.test_images.shape[1:]} but the checkpoint expects "
@@ -340,7 +366,7 @@ def explain_run(workdir: str, reference: str | None = None, layer: str | None = 
 
   record: dict[str, Any] = {
       "workdir": model.run.workdir, "reference_workdir": models[1].run.workdir if reference else None,
-      "gradcam_target": "predicted class",
+      "method": method, "gradcam_target": "predicted class",
       "thresholds": {"iou_map": float(iou_threshold), "iou_gt": 0.5},
       "region": {"kind": "trigger", "pixels": int(np.sum(np.asarray(region))),
                  "fraction_of_image": float(np.mean(np.asarray(region)))},
@@ -349,14 +375,16 @@ def explain_run(workdir: str, reference: str | None = None, layer: str | None = 
       "num_test": int(len(ds.test_labels)), "num_triggered": int(len(src)), "max_test": int(config.data.max_test or 0),
       "models": {}}
   for m in models:
-    scorer = make_scorer(m.apply_fn, m.run.input_spec, list(m.spatial), iou_threshold)
+    scorer = make_scorer(m.apply_fn, m.run.input_spec, m.map_keys, iou_threshold, method)
     sets = {"clean": score_set(scorer, m.run.variables, ds.test_images, ds.test_labels, region, batch_size,
                                m.layer),
             "triggered": score_set(scorer, m.run.variables, exp.test_triggered, trig_labels, region, batch_size,
                                    m.layer, attack_labels=exp.test_attack_labels)}
+    layer_or_none = m.layer if m.method.takes_layer else None
     for s in sets.values():
-      s.update(layer=m.layer, thresholds=dict(record["thresholds"]))
-    record["models"][m.role] = {"workdir": m.run.workdir, "layer": m.layer, "epoch": m.run.epoch, **sets}
+      s.update(layer=layer_or_none, thresholds=dict(record["thresholds"]))
+      s["by_layer"].pop(NO_LAYER, None)
+    record["models"][m.role] = {"workdir": m.run.workdir, "layer": layer_or_none, "epoch": m.run.epoch, **sets}
 
   if len(src):
     rng = np.random.default_rng(config.seed)
@@ -366,9 +394,12 @@ def explain_run(workdir: str, reference: str | None = None, layer: str | None = 
     target_desc = (f"target class {_name(model.run.class_names, config.poison.target)}"
                    if config.poison.mode == "all_to_one" else "all-to-all")
     _gradcam_figure(os.path.join(out_dir, FILES[0]), models, clean, trig, labels, attack, ids, region, target_desc)
-    _layers_figure(os.path.join(out_dir, FILES[1]), model, clean, trig, ids, region)
+    record["figures"] = [FILES[0]]
+    if model.method.takes_layer:
+      _layers_figure(os.path.join(out_dir, FILES[1]), model, clean, trig, ids, region)
+      record["figures"].append(FILES[1])
     _feature_maps_figure(os.path.join(out_dir, FILES[2]), model, f_layer, clean, trig, ids, region, top_k)
-    record["figures"] = list(FILES[:3])
+    record["figures"].append(FILES[2])
   else:
     logging.warning("no triggered test images (every test image is of the target class); no figures")
     record["figures"] = []

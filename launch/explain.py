@@ -4,15 +4,18 @@ r"""Grad-CAM report of a trained run: figures and trigger-region scores in WORKD
   python launch/explain.py --workdir=runs/digits --reference=runs/digits_clean --max_test=500
 
 Writes gradcam_clean_vs_triggered.png, layers.png, feature_maps.png and explain.json
-(see backdoor_jax/explain/report.py). --reference names a clean-trained run on the same
-data; its Grad-CAM is shown and scored on the same images.
+(see backdoor_jax/analysis.py). --reference names a clean-trained run on the same
+data; its maps are shown and scored on the same images. --method picks any registered
+explanation method (gradcam, gradcam_pp, simple_grad, vbp, or one you register).
 """
 
 from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training work dir (config.json + checkpoints/).")
 _REFERENCE = flags.DEFINE_string("reference", None, "Work dir of a clean-trained run on the same data.")
-_LAYER = flags.DEFINE_string("layer", None, "Grad-CAM layer (default: the deepest spatial layer larger than 1x1).")
+_LAYER = flags.DEFINE_string("layer", None, "Explained layer (default: the deepest spatial layer with a map of at "
+                             "least 4x4, as in training).")
+_METHOD = flags.DEFINE_string("method", "gradcam", "Explanation method (a name in backdoor_jax.explain.registry).")
 _FEATURE_LAYER = flags.DEFINE_string("feature_layer", None,
                                      "Layer of feature_maps.png (default: the Grad-CAM layer).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Clean/triggered pairs in gradcam_clean_vs_triggered.png.")
@@ -31,11 +34,11 @@ def main(argv):
   if _REFERENCE.value:  # a poisoned or attacked reference is no clean baseline: say so, then go on
     from backdoor_jax.train import restore
     cli.run_or_exit(lambda: restore.warn_if_not_clean(_REFERENCE.value))
-  from backdoor_jax.explain import report
-  rec = cli.run_or_exit(lambda: report.explain_run(
+  from backdoor_jax import analysis
+  rec = cli.run_or_exit(lambda: analysis.explain_run(
       _WORKDIR.value, reference=_REFERENCE.value, layer=_LAYER.value, feature_layer=_FEATURE_LAYER.value,
       num_images=_NUM_IMAGES.value, max_test=_MAX_TEST.value, batch_size=_BATCH_SIZE.value, top_k=_TOP_K.value,
-      iou_threshold=_IOU_THRESHOLD.value))
+      iou_threshold=_IOU_THRESHOLD.value, method=_METHOD.value))
   for role, m in rec["models"].items():
     c, t = m["clean"], m["triggered"]
     print(f"{role} ({m['layer']}): energy in trigger clean={c['energy_in_trigger']:.4f} "

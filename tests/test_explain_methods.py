@@ -173,9 +173,9 @@ def test_gradcam_pp_all_layers_in_forward_order():
   v = _init(LEVELS, (1, 14, 14, 3))
   x = _normal(2, (2, 14, 14, 3))
   t = jnp.array([0, 2])
-  info = explain.forward_layers(LEVELS.apply, v, x)
+  info = explain.layer_info(LEVELS.apply, v, x)
   assert info.order == ("shallow", "mid", "deep", "deepest", "pool")
-  assert methods_lib.resolve_spatial(info, "all", "x") == ["shallow", "mid", "deep", "deepest"]
+  assert explain.resolve_layers(info, "all", "x") == ["shallow", "mid", "deep", "deepest"]
   # (a jitted caller gets the dict back key-sorted: JAX rebuilds output dicts that way)
   every, one = jax.jit(lambda v, x, t: (explain.gradcam_pp(LEVELS.apply, v, x, t),
                                         explain.gradcam_pp(LEVELS.apply, v, x, t, ["deep"])))(v, x, t)
@@ -184,11 +184,11 @@ def test_gradcam_pp_all_layers_in_forward_order():
   np.testing.assert_allclose(every["deep"].maps, one["deep"].maps, rtol=1e-5, atol=1e-6)
 
 
-def test_forward_layers_is_execution_order():
+def test_layer_info_is_execution_order():
   for name in ("vgg11", "resnet18"):
     m = models.get_model(name, 10)
     v = jax.eval_shape(lambda: models.init_variables(m, jax.random.key(0), (1, 32, 32, 3)))
-    info = explain.forward_layers(m.apply, v, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    info = explain.layer_info(m.apply, v, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
     assert info.order == m.layer_names and info.num_classes == 10
     assert info.spatial == m.layer_names[:-1] and info.shapes["pool"][0] == 2
 

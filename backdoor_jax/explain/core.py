@@ -10,7 +10,7 @@ composes with ``jax.grad`` (the explanation backdoor differentiates through it a
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import chex
 import jax
@@ -18,49 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from backdoor_jax.errors import ConfigError
+from backdoor_jax.explain import layers as layers_lib
+from backdoor_jax.explain.layers import ApplyFn, LayerInfo, plain_variables
 from backdoor_jax.models.common import INTERMEDIATES, PERTURBATIONS
 
-ApplyFn = Callable[..., Any]
-
-
 def layer_shapes(apply_fn: ApplyFn, variables: Any, images: jax.Array) -> dict[str, tuple[int, ...]]:
-  """Shapes of every exposed activation for this input, in forward order (no compute).
-
-  ``jax.eval_shape`` hands dicts back with sorted keys (VGG's ``features_10`` would come
-  before ``features_2``), so the execution order is read inside the trace, where the
-  sown collection still has insertion order.
-  """
-  order: list[str] = []
-
-  def run(v, x):
-    inter = apply_fn(v, x, train=False, mutable=[INTERMEDIATES])[1][INTERMEDIATES]
-    order.extend(inter.keys())
-    return inter
-
-  inter = jax.eval_shape(run, _plain(variables), images)
-  return {k: tuple(inter[k][0].shape) for k in dict.fromkeys(order)}
-
-
-def _plain(variables: Any) -> dict[str, Any]:
-  return {k: v for k, v in variables.items() if k not in (PERTURBATIONS, INTERMEDIATES)}
+  """Old API (``train/`` still calls it): ``layers.layer_info(...).shapes``, in forward order."""
+  return layers_lib.layer_info(apply_fn, variables, images).shapes
 
 
 def resolve_layers(apply_fn: ApplyFn, variables: Any, images: jax.Array,
                    layers: str | Sequence[str]) -> tuple[list[str], dict[str, tuple[int, ...]]]:
-  """Validates layer names; ``'all'`` means every exposed spatial (rank-4) layer in order.
+  """Old API (``train/`` still calls it): ``layers.resolve_layers`` on ``layers.layer_info``.
 
   Raises:
     ConfigError: naming an unknown layer and listing the valid ones.
   """
-  shapes = layer_shapes(apply_fn, variables, images)
-  spatial = [k for k, s in shapes.items() if len(s) == 4]
-  if isinstance(layers, str):
-    layers = spatial if layers == "all" else [layers]
-  layers = list(layers)
-  for name in layers:
-    if name not in spatial:
-      raise ConfigError(f"unknown layer {name!r} for Grad-CAM; valid (spatial) layers: {', '.join(spatial)}")
-  return layers, shapes
+  info = layers_lib.layer_info(apply_fn, variables, images)
+  return layers_lib.resolve_layers(info, layers), info.shapes
 
 
 def check_images(images: jax.Array) -> None:
@@ -84,6 +59,20 @@ def check_targets(targets: jax.Array | None, batch: int, num_classes: int) -> No
     raise ConfigError(f"target class {lo if lo < 0 else hi} out of range [0, {num_classes})")
 
 
+def check_inputs(apply_fn: ApplyFn, variables: Any, images: jax.Array, targets: jax.Array | None) -> LayerInfo:
+  """Checks images and (concrete) targets; returns the model's :class:`~layers.LayerInfo` for them.
+
+  Raises:
+    ConfigError: images that are not a float (B, H, W, C) batch, or targets of the
+      wrong shape or out of range.
+  """
+  check_images(images)
+  info = layers_lib.layer_info(apply_fn, variables, images)
+  with jax.ensure_compile_time_eval():  # concrete targets closed over by a jitted caller stay checkable
+    check_targets(targets, images.shape[0], info.num_classes)
+  return info
+
+
 def select_scores(logits: jax.Array, targets: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """Per-sample pre-softmax logit of the target (or, for None, the predicted) class."""
   if targets is None:
@@ -104,7 +93,7 @@ def activations_and_gradients(apply_fn: ApplyFn, variables: Any, images: jax.Arr
     images: (B, H, W, C) normalised model inputs.
     targets: (B,) class ids, or None for each sample's predicted class.
     layers: names from the model's ``layer_names``.
-    shapes: activation shapes (from ``layer_shapes``) to skip the abstract evaluation.
+    shapes: activation shapes (``layers.layer_info(...).shapes``) to skip the abstract evaluation.
     input_gradient: also return d score / d images (SimpleGrad).
   Returns:
     dict with ``logits`` (B, C), ``targets`` (B,), ``activations`` and ``gradients``
@@ -112,8 +101,8 @@ def activations_and_gradients(apply_fn: ApplyFn, variables: Any, images: jax.Arr
   """
   chex.assert_rank(images, 4)
   if shapes is None:
-    shapes = layer_shapes(apply_fn, variables, images)
-  base = _plain(variables)
+    shapes = layers_lib.layer_info(apply_fn, variables, images).shapes
+  base = plain_variables(variables)
   zeros = {name: jnp.zeros(shapes[name], images.dtype if shapes[name] else jnp.float32) for name in layers}
 
   def score(perturbations, x):

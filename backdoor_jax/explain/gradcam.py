@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from backdoor_jax.explain import core
+from backdoor_jax.explain import layers as layers_lib
+from backdoor_jax.explain import registry
 
 
 class CamResult(NamedTuple):
@@ -64,11 +66,9 @@ def gradcam(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, targets: 
   Raises:
     ConfigError: unknown layer (lists the valid ones), bad images or targets.
   """
-  core.check_images(images)
-  names, shapes = core.resolve_layers(apply_fn, variables, images, layers)
-  logits_shape = jax.eval_shape(lambda v, x: apply_fn(v, x, train=False), core._plain(variables), images).shape
-  core.check_targets(targets, images.shape[0], logits_shape[-1])
-  out = core.activations_and_gradients(apply_fn, variables, images, targets, names, shapes)
+  info = core.check_inputs(apply_fn, variables, images, targets)
+  names = layers_lib.resolve_layers(info, layers, "Grad-CAM")
+  out = core.activations_and_gradients(apply_fn, variables, images, targets, names, info.shapes)
   size = images.shape[1:3]
   return {n: finish(cam_from(out["activations"][n], out["gradients"][n]), size, eps) for n in names}
 
@@ -77,3 +77,12 @@ def gradcam_maps(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, targ
                  layer: str, *, eps: float = 1e-8) -> jax.Array:
   """Normalised input-size Grad-CAM maps (B, H, W) at one layer (the training-loss form)."""
   return gradcam(apply_fn, variables, images, targets, layer, eps=eps)[layer].maps
+
+
+def _gradcam_all_layers(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, targets: jax.Array | None,
+                        layers: Sequence[str]) -> dict[str, jax.Array]:
+  return {n: r.maps for n, r in gradcam(apply_fn, variables, images, targets, list(layers)).items()}
+
+
+registry.register(registry.Method("gradcam", gradcam_maps, takes_layer=True, gradient="layer",
+                                  all_layers=_gradcam_all_layers))

@@ -9,8 +9,8 @@ Score conventions are Grad-CAM's (``gradcam.py``): the pre-softmax logit of each
 sample's target class (or, for ``targets=None``, of its predicted class); maps are
 resized bilinearly to the input size and min-max normalised per image.
 
-This module also holds the helpers the other explanation files share:
-``forward_layers`` (exposed layers in *execution* order) and ``check_channels``.
+Layer names are resolved with ``layers.py`` (the one layer API); ``check_channels``
+here validates channel indices for this module and ``stimulation.py``.
 """
 from __future__ import annotations
 
@@ -23,65 +23,11 @@ import numpy as np
 
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.explain import core
+from backdoor_jax.explain import layers as layers_lib
+from backdoor_jax.explain import registry
 from backdoor_jax.explain.gradcam import CamResult, finish, normalize_maps
-from backdoor_jax.models.common import INTERMEDIATES
 
 REDUCTIONS = ("max_abs", "sum_abs", "l2", "mean_abs")
-
-
-class LayerInfo(NamedTuple):
-  """What one abstract forward pass tells about a model on these inputs.
-
-  Attributes:
-    order: exposed layer names in execution (forward) order.
-    shapes: layer name -> activation shape.
-    num_classes: number of logits.
-  """
-  order: tuple[str, ...]
-  shapes: dict[str, tuple[int, ...]]
-  num_classes: int
-
-  @property
-  def spatial(self) -> tuple[str, ...]:
-    """Rank-4 (B, h, w, K) layers in forward order."""
-    return tuple(n for n in self.order if len(self.shapes[n]) == 4)
-
-
-def forward_layers(apply_fn: core.ApplyFn, variables: Any, images: jax.Array) -> LayerInfo:
-  """Exposed layers in the order the model runs them, with shapes (no compute).
-
-  ``core.layer_shapes`` returns its dict in sorted-key order (``jax.eval_shape``
-  rebuilds dicts with sorted keys), which is not the forward order for e.g. VGG
-  (``features_10`` < ``features_2``) or ResNet (``stem`` last). The names are read here
-  inside the traced function, where Flax's collection keeps insertion (= sow) order.
-  """
-  order: list[str] = []
-
-  def run(v, x):
-    logits, state = apply_fn(v, x, train=False, mutable=[INTERMEDIATES])
-    order.extend(state.get(INTERMEDIATES, {}).keys())
-    return logits, state.get(INTERMEDIATES, {})
-
-  logits, inter = jax.eval_shape(run, core._plain(variables), images)
-  shapes = {k: tuple(v[0].shape) for k, v in inter.items()}
-  seen = [k for k in dict.fromkeys(order) if k in shapes]
-  if len(seen) != len(shapes):  # not traced this time: fall back to the sorted keys
-    seen = list(shapes)
-  return LayerInfo(tuple(seen), shapes, int(logits.shape[-1]))
-
-
-def resolve_spatial(info: LayerInfo, layers: str | Sequence[str], method: str) -> list[str]:
-  """Validates layer names (``'all'`` = every spatial layer), returned in forward order.
-
-  Raises:
-    ConfigError: an unknown or non-spatial layer (lists the valid ones).
-  """
-  spatial = info.spatial
-  names = list(spatial) if layers == "all" else ([layers] if isinstance(layers, str) else list(layers))
-  for name in names:
-    if name not in spatial:
-      raise ConfigError(f"unknown layer {name!r} for {method}; valid (spatial) layers: {', '.join(spatial)}")
-  return names
 
 
 def check_channels(channels: int | Sequence[int] | None, num_channels: int, layer: str) -> list[int]:
@@ -110,14 +56,6 @@ def check_channels(channels: int | Sequence[int] | None, num_channels: int, laye
   if len(set(out)) != len(out):
     raise ConfigError(f"channels must be distinct; got {out}")
   return out
-
-
-def _prepare(apply_fn, variables, images, targets) -> LayerInfo:
-  core.check_images(images)
-  info = forward_layers(apply_fn, variables, images)
-  with jax.ensure_compile_time_eval():  # concrete targets closed over by a jitted caller stay checkable
-    core.check_targets(targets, images.shape[0], info.num_classes)
-  return info
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -184,8 +122,8 @@ def gradcam_pp(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, target
   Raises:
     ConfigError: unknown layer (lists the valid ones), bad images or targets.
   """
-  info = _prepare(apply_fn, variables, images, targets)
-  names = resolve_spatial(info, layers, "Grad-CAM++")
+  info = core.check_inputs(apply_fn, variables, images, targets)
+  names = layers_lib.resolve_layers(info, layers, "Grad-CAM++")
   out = core.activations_and_gradients(apply_fn, variables, images, targets, names, info.shapes)
   size = images.shape[1:3]
   return {n: finish(gradcam_pp_from(out["activations"][n], out["gradients"][n], alpha_eps), size, eps)
@@ -228,10 +166,10 @@ def feature_map_cams(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, 
   Raises:
     ConfigError: unknown layer, channel out of range, bad images or targets.
   """
-  info = _prepare(apply_fn, variables, images, targets)
+  info = core.check_inputs(apply_fn, variables, images, targets)
   if not isinstance(layer, str):
     raise ConfigError(f"feature_map_cams takes one layer name; got {layer!r}")
-  (name,) = resolve_spatial(info, layer, "feature-map Grad-CAM")
+  (name,) = layers_lib.resolve_layers(info, layer, "feature-map Grad-CAM")
   chans = check_channels(channels, info.shapes[name][-1], name)
   out = core.activations_and_gradients(apply_fn, variables, images, targets, [name], info.shapes)
   idx = jnp.asarray(chans, jnp.int32)
@@ -282,7 +220,28 @@ def simple_grad(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, targe
     ConfigError: bad reduce name, images or targets.
   """
   check_choice("reduce", reduce, REDUCTIONS)
-  _prepare(apply_fn, variables, images, targets)
+  core.check_inputs(apply_fn, variables, images, targets)
   out = core.activations_and_gradients(apply_fn, variables, images, targets, [], shapes={}, input_gradient=True)
   raw = reduce_channels(_wide(out["input_gradient"]), reduce)
   return CamResult(raw=raw, maps=normalize_maps(raw, eps))
+
+
+def _gradcam_pp_maps(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, targets: jax.Array | None,
+                     layer: str) -> jax.Array:
+  return gradcam_pp(apply_fn, variables, images, targets, layer)[layer].maps
+
+
+def _gradcam_pp_all_layers(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, targets: jax.Array | None,
+                           layers: Sequence[str]) -> dict[str, jax.Array]:
+  return {n: r.maps for n, r in gradcam_pp(apply_fn, variables, images, targets, list(layers)).items()}
+
+
+def _simple_grad_maps(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, targets: jax.Array | None,
+                      layer: str | None) -> jax.Array:
+  del layer  # explains the input
+  return simple_grad(apply_fn, variables, images, targets).maps
+
+
+registry.register(registry.Method("gradcam_pp", _gradcam_pp_maps, takes_layer=True, gradient="layer",
+                                  all_layers=_gradcam_pp_all_layers))
+registry.register(registry.Method("simple_grad", _simple_grad_maps, takes_layer=False, gradient="input"))

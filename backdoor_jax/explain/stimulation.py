@@ -34,7 +34,8 @@ import numpy as np
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.explain import core
 from backdoor_jax.explain.gradcam import cam_from, finish
-from backdoor_jax.explain.methods import _prepare, check_channels, resolve_spatial
+from backdoor_jax.explain import layers as layers_lib
+from backdoor_jax.explain.methods import check_channels
 from backdoor_jax.models.common import INTERMEDIATES, PERTURBATIONS
 
 MODES = ("scale", "replace")
@@ -52,7 +53,7 @@ def activations_and_gradients_with(apply_fn: core.ApplyFn, variables: Any, image
     images: (B, H, W, C) inputs.
     targets: (B,) class ids, or None for each sample's predicted class *in this pass*.
     layers: layers whose A and dScore/dA are wanted.
-    shapes: activation shapes (``forward_layers(...).shapes``).
+    shapes: activation shapes (``layers.layer_info(...).shapes``).
     fixed: layer -> array added to that activation (full activation shape). Not
       differentiated by the inner gradient; outer transformations see it normally.
     read: further layers whose (perturbed) activations are returned.
@@ -61,7 +62,7 @@ def activations_and_gradients_with(apply_fn: core.ApplyFn, variables: Any, image
     them, i.e. including the fixed perturbations) and ``gradients`` (layers).
   """
   chex.assert_rank(images, 4)
-  base = core._plain(variables)
+  base = layers_lib.plain_variables(variables)
   zeros = {n: jnp.zeros(shapes[n], images.dtype) for n in layers}
   wanted = list(dict.fromkeys(list(layers) + list(read)))
 
@@ -102,7 +103,7 @@ def _region_mask(region: Any, batch: int, h: int, w: int) -> jax.Array | None:
   return m[None] if m.ndim == 2 else m
 
 
-def _cam_layers(info, layer: str, cam_layer: str | Sequence[str] | None) -> list[str]:
+def _cam_layers(info: layers_lib.LayerInfo, layer: str, cam_layer: str | Sequence[str] | None) -> list[str]:
   """CAM layers (default: the stimulated one; ``'all'``: every spatial layer from it on)."""
   start = info.order.index(layer)
   after = [n for n in info.spatial if info.order.index(n) >= start]
@@ -110,7 +111,7 @@ def _cam_layers(info, layer: str, cam_layer: str | Sequence[str] | None) -> list
     return [layer]
   if cam_layer == "all":
     return after
-  names = resolve_spatial(info, cam_layer, "Grad-CAM")
+  names = layers_lib.resolve_layers(info, cam_layer, "Grad-CAM")
   for n in names:
     if n not in after:
       raise ConfigError(f"cam_layer {n!r} runs before the stimulated layer {layer!r}; "
@@ -154,10 +155,10 @@ def stimulate(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, layer: 
       shape, region, cam_layer before ``layer``, images or targets.
   """
   check_choice("stimulation mode", mode, MODES)
-  info = _prepare(apply_fn, variables, images, targets)
+  info = core.check_inputs(apply_fn, variables, images, targets)
   if not isinstance(layer, str):
     raise ConfigError(f"stimulate takes one layer name; got {layer!r}")
-  (name,) = resolve_spatial(info, layer, "stimulation")
+  (name,) = layers_lib.resolve_layers(info, layer, "stimulation")
   b, h, w, k = info.shapes[name]
   chans = check_channels(channels, k, name)
   cams = _cam_layers(info, name, cam_layer)
@@ -169,7 +170,7 @@ def stimulate(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, layer: 
     raise ConfigError(f"value of shape {value.shape} does not broadcast to (B, h, w, channels) = "
                       f"{(b, h, w, len(chans))}") from None
 
-  _, state = apply_fn(core._plain(variables), images, train=False, mutable=[INTERMEDIATES])
+  _, state = apply_fn(layers_lib.plain_variables(variables), images, train=False, mutable=[INTERMEDIATES])
   a = state[INTERMEDIATES][name][0]  # carries gradients on purpose (see module docstring)
   idx = jnp.asarray(chans, jnp.int32)
   sel = jnp.take(a, idx, axis=-1)

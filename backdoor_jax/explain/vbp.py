@@ -40,7 +40,8 @@ import jax.numpy as jnp
 
 from backdoor_jax.explain import core
 from backdoor_jax.explain.gradcam import normalize_maps, upsample
-from backdoor_jax.explain.methods import forward_layers, resolve_spatial
+from backdoor_jax.explain import layers as layers_lib
+from backdoor_jax.explain import registry
 from backdoor_jax.models.common import INTERMEDIATES
 
 
@@ -95,10 +96,10 @@ def visual_backprop(apply_fn: core.ApplyFn, variables: Any, images: jax.Array,
     ConfigError: unknown layer (lists the valid ones) or bad images.
   """
   core.check_images(images)
-  info = forward_layers(apply_fn, variables, images)
-  chosen = set(resolve_spatial(info, "all" if layers is None else layers, "VisualBackProp"))
+  info = layers_lib.layer_info(apply_fn, variables, images)
+  chosen = set(layers_lib.resolve_layers(info, "all" if layers is None else layers, "VisualBackProp"))
   names = [n for n in info.order if n in chosen]
-  _, state = apply_fn(core._plain(variables), images, train=False, mutable=[INTERMEDIATES])
+  _, state = apply_fn(layers_lib.plain_variables(variables), images, train=False, mutable=[INTERMEDIATES])
   mask = None
   for name in reversed(names):
     act = state[INTERMEDIATES][name][0]
@@ -106,3 +107,12 @@ def visual_backprop(apply_fn: core.ApplyFn, variables: Any, images: jax.Array,
     mask = level if mask is None else upsample_to(mask, level.shape[1:3]) * level
   mask = upsample_to(mask, images.shape[1:3])
   return normalize_maps(mask, eps)
+
+
+def _vbp_maps(apply_fn: core.ApplyFn, variables: Any, images: jax.Array, targets: jax.Array | None,
+              layer: str | None) -> jax.Array:
+  del targets, layer  # class-agnostic, every spatial layer
+  return visual_backprop(apply_fn, variables, images)
+
+
+registry.register(registry.Method("vbp", _vbp_maps, takes_layer=False, gradient="none"))
