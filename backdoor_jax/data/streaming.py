@@ -182,9 +182,23 @@ def folder_source(root: str, *, image_size: int, max_examples: int | None = None
   dataset = grain.MapDataset.source([(p, int(y)) for p, y in zip(paths, labels)]).map(_ReadFile(size))
   rows = _subset(len(paths), max_examples, seed, labels)
   if stats is None:
-    sample = rows[image_lib.seeded_subset(len(rows), FOLDER_STATS_SAMPLE, seed)]
-    stats = image_lib.channel_mean_std(_read_records(dataset, sample, image_lib.num_io_threads())[0])
+    stats = _estimate_stats(dataset, rows[image_lib.seeded_subset(len(rows), FOLDER_STATS_SAMPLE, seed)])
   return RecordSource(dataset, rows, labels[rows], len(names), names, tuple(stats[0]), tuple(stats[1]), size)
+
+
+def _estimate_stats(dataset: Any, records: np.ndarray, chunk: int = 256) -> tuple[tuple[float, ...], ...]:
+  """Exact per-channel mean and std of the images of ``records``, read ``chunk`` at a time."""
+  weights, means, squares = [], [], []
+  for start in range(0, len(records), chunk):
+    part = records[start:start + chunk]
+    mean, std = image_lib.channel_mean_std(_read_records(dataset, part, image_lib.num_io_threads())[0])
+    weights.append(len(part))
+    means.append(mean)
+    squares.append(np.square(std) + np.square(mean))
+  w = np.asarray(weights, np.float64) / np.sum(weights)
+  mean = w @ np.asarray(means)
+  std = np.sqrt(np.maximum(w @ np.asarray(squares) - np.square(mean), 0.0))
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def _read_tfds_labels(source: Any, skip_source: Any, label_key: str, records: np.ndarray,
