@@ -31,7 +31,19 @@ def _sha256(path: str) -> str:
 
 
 def run(arch: str, src: str, dst: str, num_classes: int = 0, aux_logits: bool = False) -> dict:
-  """Imports ``src`` and writes the init checkpoint ``dst``; returns its metadata."""
+  """Imports ``src`` and writes the init checkpoint ``dst``; returns its metadata.
+
+  Raises:
+    ConfigError: a bad head size, a ``src`` that is a folder or missing, a ``dst`` that
+      exists, or anything the import refuses.
+  """
+  from backdoor_jax.errors import ConfigError
+  if num_classes < 0:
+    raise ConfigError(f"--num_classes={num_classes} is invalid; allowed: 0 (the file's head) or an integer >= 1")
+  if os.path.isdir(src):
+    raise ConfigError(f"--src={src} is a folder, not a weight file (.pth, .pt, .bin or .safetensors)")
+  if os.path.exists(dst):
+    raise ConfigError(f"--dst={dst} already exists; the init checkpoint goes to a new folder")
   from backdoor_jax import models
   from backdoor_jax.models import torchvision_import
   from backdoor_jax.train import init_weights
