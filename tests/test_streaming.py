@@ -1,6 +1,7 @@
 """The streaming feed gives the same batches as the in-memory path, reading only its own shards."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -69,7 +70,7 @@ def _check_processes(monkeypatch, reference_images, reference_labels, make_strea
     reference = feed.process_data(reference_images, reference_labels, num_shards)
     stream = make_stream()
     spy = _Spy(stream.source.dataset)
-    stream.source = streaming.dataclasses.replace(stream.source, dataset=spy)
+    stream.source = dataclasses.replace(stream.source, dataset=spy)
     _assert_same_feed(reference, stream)
     np.testing.assert_array_equal(stream.is_poisoned, is_poisoned[stream.rows])
     assert spy.seen <= set(stream.source.records[stream.rows].tolist())  # never another process's records
