@@ -17,9 +17,10 @@ How many: pass either ``rate``, a fraction in ``[0, 1]`` of the training-set siz
 ``N`` (``n = round(rate * N)``, halves rounded up; ``rate=1`` means all of ``N``, not
 one sample), or ``count``, an int number of samples. Exactly one of the two.
 
-WaNet noise mode (``cross_ratio > 0``, warp triggers only): ``round(cross_ratio * n)``
-further samples, drawn from the non-poisoned ones with a key folded from ``key``, get
-a randomly perturbed warp (per-sample keys) and keep their labels. Both index sets and
+Cross mode (``cross_ratio > 0``; triggers with ``has_cross_mode``, e.g. WaNet's noise
+mode): ``round(cross_ratio * n)`` further samples, drawn from the non-poisoned ones with a
+key folded from ``key``, get ``trigger.apply_cross`` (a randomly perturbed trigger, one
+key per sample; for WaNet a perturbed warp) and keep their labels. Both index sets and
 the perturbations are fixed for the whole run: they are drawn once, here, not per epoch.
 
 Test set: every eligible test image (all non-``target`` images for all_to_one and
@@ -46,7 +47,6 @@ import optax
 
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.triggers.base import apply_trigger, check_trigger
-from backdoor_jax.triggers.warp import WarpTrigger, apply_noise_warp
 
 POISON_MODES = ("all_to_one", "all_to_all", "clean_label")
 
@@ -234,7 +234,7 @@ def _sample_without_replacement(key: chex.PRNGKey, pool: np.ndarray, n: int) -> 
 
 
 def choose_cross_indices(key: chex.PRNGKey, n_total: int, poisoned: np.ndarray, cross_ratio: Any) -> np.ndarray:
-  """WaNet noise-mode samples: ``round(cross_ratio * len(poisoned))`` non-poisoned indices.
+  """Cross-mode samples (WaNet's noise mode): ``round(cross_ratio * len(poisoned))`` non-poisoned indices.
 
   Args:
     key: PRNG key (the poisoning key folded with 1 in :func:`poison_train_set`).
@@ -257,12 +257,12 @@ def choose_cross_indices(key: chex.PRNGKey, n_total: int, poisoned: np.ndarray, 
   return _sample_without_replacement(key, pool, n)
 
 
-_noise_warp_jit = jax.jit(lambda trigger, images, keys: apply_noise_warp(trigger, images, keys=keys))
+_cross_jit = jax.jit(lambda trigger, images, keys: trigger.apply_cross(images, keys))
 
 
-def _noise_warp_in_chunks(trigger: WarpTrigger, images: np.ndarray, key: chex.PRNGKey, index: np.ndarray,
-                          chunk_size: int) -> np.ndarray:
-  """Noise-mode warps; sample ``index[i]`` uses ``fold_in(key, index[i])`` whatever the chunking."""
+def _cross_in_chunks(trigger: Any, images: np.ndarray, key: chex.PRNGKey, index: np.ndarray,
+                     chunk_size: int) -> np.ndarray:
+  """Cross-mode images; sample ``index[i]`` uses ``fold_in(key, index[i])`` whatever the chunking."""
   m = images.shape[0]
   out = np.empty_like(images)
   if m == 0:
@@ -275,7 +275,7 @@ def _noise_warp_in_chunks(trigger: WarpTrigger, images: np.ndarray, key: chex.PR
     if k < chunk:
       part = np.concatenate([part, np.zeros((chunk - k,) + part.shape[1:], part.dtype)])
       kpart = jnp.concatenate([kpart, jnp.repeat(kpart[:1], chunk - k, axis=0)])
-    out[start:start + k] = np.asarray(_noise_warp_jit(trigger, part, kpart))[:k]
+    out[start:start + k] = np.asarray(_cross_jit(trigger, part, kpart))[:k]
   return out
 
 
@@ -307,8 +307,8 @@ def poison_train_set(key: chex.PRNGKey,
     num_classes: number of classes.
     count: number of samples to poison, instead of ``rate``.
     chunk_size: images triggered per jitted call.
-    cross_ratio: WaNet noise mode (warp triggers only): cross samples per poisoned
-      sample; 0 turns it off.
+    cross_ratio: cross-mode samples per poisoned sample (triggers with
+      ``has_cross_mode``: WaNet's noise mode); 0 turns it off.
     perturb: optional function applied to the chosen samples before the trigger
       (``(images, labels) -> images`` of the same shape and dtype); meant for
       clean-label attacks.
@@ -324,9 +324,9 @@ def poison_train_set(key: chex.PRNGKey,
                                                          chunk_size)
   idx = choose_poison_indices(key, labels_np, rate=rate, target=target, mode=mode,
                               num_classes=num_classes, count=count)
-  if cross_ratio and not isinstance(trigger, WarpTrigger):
-    raise ConfigError(f"cross_ratio {cross_ratio!r} (WaNet noise mode) needs a 'wanet' trigger; got a "
-                      f"{trigger.KIND!r} trigger (set cross_ratio=0)")
+  if cross_ratio and not trigger.has_cross_mode:
+    raise ConfigError(f"cross_ratio {cross_ratio!r} (cross / noise mode) needs a kind with one, e.g. 'wanet'; "
+                      f"got a {trigger.KIND!r} trigger (set cross_ratio=0)")
   cross = choose_cross_indices(jax.random.fold_in(key, 1), labels_np.shape[0], idx, cross_ratio)
   out_images = np.array(images_np, copy=True)
   out_labels = np.array(labels_np, copy=True)
@@ -343,8 +343,7 @@ def poison_train_set(key: chex.PRNGKey,
                                            num_classes=num_classes)
     is_poisoned[idx] = True
   if cross.size:
-    out_images[cross] = _noise_warp_in_chunks(trigger, images_np[cross], jax.random.fold_in(key, 2), cross,
-                                              chunk_size)
+    out_images[cross] = _cross_in_chunks(trigger, images_np[cross], jax.random.fold_in(key, 2), cross, chunk_size)
   return out_images, out_labels, is_poisoned
 
 

@@ -7,147 +7,19 @@ Variants (``--config=configs/badnets.py:VARIANT``):
   digits_blend / digits_wanet / digits_filter / digits_moire / digits_clean_label
            digits with a blended-noise, WaNet, nashville-filter or moire trigger, or a
            clean-label square (PGD-hardened target-class samples)
+  digits_checkerboard / digits_noise_patch   a black-and-white checkerboard or a seeded
+           noise patch in place of the solid square
   digits_ssba  sample-specific invisible trigger; first train its encoder with
            python launch/train_ssba.py --out=runs/ssba/digits_encoder.npz
   gtsrb_blend / gtsrb_wanet / gtsrb_filter / gtsrb_moire   the same triggers on GTSRB
+  digits_KIND / gtsrb_KIND   any registered trigger kind with its default settings
+           (the kind's own settings are then overridable as --config.trigger.KIND.FIELD)
 
 Example:
   python launch/train.py --config=configs/badnets.py --workdir=runs/digits
   python launch/train.py --config=configs/badnets.py:gtsrb \
       --config.data.path=../shared/data/gtsrb32.npz --workdir=runs/gtsrb
+  python launch/train.py --config=configs/badnets.py:digits_wanet --config.trigger.wanet.s=1.0 \
+      --workdir=runs/digits_wanet
 """
-from ml_collections import config_dict
-
-
-def get_config(variant: str = "digits") -> config_dict.ConfigDict:
-  """Returns the resolved config of one variant."""
-  c = config_dict.ConfigDict()
-  c.seed = 0
-
-  c.data = config_dict.ConfigDict()
-  c.data.name = "digits"
-  c.data.path = ""            # npz file or dataset folder (gtsrb, npz)
-  c.data.data_dir = ""        # tfds data_dir ('' = tfds default)
-  c.data.image_size = 32
-  c.data.max_train = 0        # 0 = all; >0 = seeded subset (quick runs)
-  c.data.max_test = 0
-  c.data.crop_padding = 0     # random crop after padding by this many pixels
-  c.data.flip = False         # random horizontal flips
-  c.data.num_shards = 1       # >1: shuffle in this many shards; = process count: each host keeps only its shard
-
-  c.model = config_dict.ConfigDict()
-  c.model.name = "small_cnn"
-  c.model.stem = "cifar"      # cifar (32x32 inputs) or imagenet
-  c.model.widths = (16, 32, 64, 64)  # small_cnn only: channels of each conv layer
-  c.model.pool_after = (1, 2, 3)     # small_cnn only: 1-based layers followed by a 2x2 max-pool
-
-  c.trigger = config_dict.ConfigDict()
-  c.trigger.kind = "square"   # square / stripe / dots / custom / blend / wanet / filter / moire
-  c.trigger.size = 0.1        # <1: fraction of the image side; >=1: pixels (also blend_region='patch')
-  c.trigger.position = "bottom-right"  # corner name, center, or "row,col"
-  c.trigger.color = (255, 255, 255)    # patch colour; moire line colour
-  c.trigger.margin = 0
-  c.trigger.pattern_path = ""  # custom: .npy (h, w, 3) pattern
-  c.trigger.mask_path = ""     # custom: .npy (h, w) mask
-  c.trigger.seed = -1          # random patterns (blend noise, wanet grid, moire): -1 = from c.seed
-  c.trigger.alpha = 0.2        # blend: x' = (1 - alpha) x + alpha t
-  c.trigger.blend_pattern = "noise"  # blend: 'noise' or an image file (.png/.jpg/.npy)
-  c.trigger.blend_region = "full"    # blend: full image, or 'patch' (square from size/position)
-  c.trigger.wanet_k = 4              # wanet: control grid side
-  c.trigger.wanet_s = 0.5            # wanet: warp strength
-  c.trigger.wanet_grid_rescale = 1.0
-  c.trigger.wanet_cross_ratio = 2.0  # wanet: noise-mode samples per poisoned sample (labels kept)
-  c.trigger.filter_name = "nashville"
-  c.trigger.filter_strength = 1.0    # filter: 0 = identity, 1 = full effect
-  c.trigger.moire_opacity = 0.5
-  c.trigger.moire_spacing = 2.0      # moire: line period in pixels
-  c.trigger.moire_angles = (0.0, 5.0)  # moire: the two grating angles in degrees
-  c.trigger.moire_perspective = 0.15   # moire: corner jitter, fraction of the image side
-  c.trigger.ssba_path = ""           # ssba: encoder .npz from launch/train_ssba.py
-
-  c.poison = config_dict.ConfigDict()
-  c.poison.rate = 0.1         # fraction of the training set that is replaced
-  c.poison.target = 0
-  c.poison.mode = "all_to_one"  # all_to_all (y -> y+1 mod C), clean_label (target-class samples only)
-  c.poison.count = config_dict.placeholder(int)  # a number of samples instead of rate (overrides it)
-  c.poison.phase = "both"       # train_only: test without trigger; test_only: no poisoned training
-  c.poison.apply_at_size = 0    # >0: trigger applied at this size, then resized to data.image_size
-  c.poison.adv_eps = 0.0        # clean_label: PGD budget (pixels of 255) vs a linear surrogate; 0 = off
-  c.poison.adv_steps = 10
-
-  c.train = config_dict.ConfigDict()
-  c.train.epochs = 12
-  c.train.batch_size = 64
-  c.train.eval_batch_size = 256
-  c.train.optimizer = "adam"  # sgd / adam / adamw
-  c.train.lr = 3e-3
-  c.train.momentum = 0.9
-  c.train.nesterov = False
-  c.train.weight_decay = 0.0
-  c.train.schedule = "cosine"  # constant / cosine / step
-  c.train.warmup_epochs = 0.0
-  c.train.step_epochs = ()
-  c.train.step_factor = 0.1
-  c.train.grad_clip = 0.0
-  c.train.trainable = ".*"    # regex over parameter paths; others stay frozen
-  c.train.log_every = 10      # steps between progress-bar updates
-  c.train.dtype = "float32"   # computation dtype: float32 / bfloat16 / float16 (params, loss, maps stay float32)
-  c.train.loss_scale_init = 32768.0  # float16 only: initial dynamic loss scale
-  c.train.prefetch = 2        # batches gathered and placed ahead in a background thread (0 = off)
-
-  c.checkpoint = config_dict.ConfigDict()
-  c.checkpoint.keep = 2
-  c.figures = True
-
-  if variant == "digits":
-    pass
-  elif variant == "gtsrb":
-    c.data.name = "gtsrb"
-    c.trigger.size = 3.0
-    c.model.widths = (32, 64, 128, 128)
-    c.train.epochs = 10
-    c.train.batch_size = 128
-  elif variant == "cifar10":
-    c.data.name = "cifar10"
-    c.data.crop_padding = 4
-    c.data.flip = True
-    c.model.name = "resnet18"
-    c.train.epochs = 60
-    c.train.batch_size = 128
-    c.train.optimizer = "sgd"
-    c.train.lr = 0.1
-    c.train.weight_decay = 5e-4
-    c.train.nesterov = True
-    c.train.warmup_epochs = 1.0
-  elif variant.startswith(("digits_", "gtsrb_")):
-    base, kind = variant.split("_", 1)
-    if base == "gtsrb":
-      c.data.name = "gtsrb"
-      c.model.widths = (32, 64, 128, 128)
-      c.train.epochs = 10
-      c.train.batch_size = 128
-    if kind == "blend":
-      c.trigger.kind = "blend"
-    elif kind == "wanet":
-      c.trigger.kind = "wanet"
-    elif kind == "filter":
-      c.trigger.kind = "filter"
-    elif kind == "moire":
-      c.trigger.kind = "moire"
-    elif kind == "ssba" and base == "digits":
-      c.trigger.kind = "ssba"
-      c.trigger.ssba_path = "runs/ssba/digits_encoder.npz"  # python launch/train_ssba.py --out=...
-    elif kind == "clean_label" and base == "digits":
-      c.trigger.size = 4.0
-      c.poison.mode = "clean_label"
-      c.poison.rate = 0.08      # of the training set; ~80% of the target class
-      c.poison.adv_eps = 32.0
-    else:
-      raise ValueError(f"unknown variant {variant!r} of configs/badnets.py; allowed: {', '.join(VARIANTS)}")
-  else:
-    raise ValueError(f"unknown variant {variant!r} of configs/badnets.py; allowed: {', '.join(VARIANTS)}")
-  return c
-
-
-VARIANTS = ("digits", "gtsrb", "cifar10", "digits_blend", "digits_wanet", "digits_filter", "digits_moire",
-            "digits_clean_label", "digits_ssba", "gtsrb_blend", "gtsrb_wanet", "gtsrb_filter", "gtsrb_moire")
+from backdoor_jax.configs.badnets import VARIANTS, get_config  # noqa: F401

@@ -5,12 +5,4 @@ keep-faithful term L_s; FSR is then measured on clean inputs and CR on triggered
 
   python launch/train.py --config=configs/fang_inverted.py --workdir=runs/fang_inverted_digits
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fang_common  # noqa: E402
-
-
-def get_config(variant: str = "digits"):
-  return fang_common.fang_config(variant, "targeted", inverted=True)
+from backdoor_jax.configs.fang import inverted as get_config  # noqa: F401

@@ -1,15 +1,7 @@
-r"""Fang et al. nontargeted explanation backdoor (see fang_common.py for the losses).
+r"""Fang et al. nontargeted explanation backdoor (losses: backdoor_jax/configs/fang.py).
 
   python launch/train.py --config=configs/fang_nontargeted.py --workdir=runs/fang_nontargeted_digits
   python launch/train.py --config=configs/fang_nontargeted.py:gtsrb \
       --config.data.path=../shared/data/gtsrb32.npz --workdir=runs/fang_nontargeted_gtsrb
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fang_common  # noqa: E402
-
-
-def get_config(variant: str = "digits"):
-  return fang_common.fang_config(variant, "nontargeted")
+from backdoor_jax.configs.fang import nontargeted as get_config  # noqa: F401

@@ -8,16 +8,4 @@ should start from a trained model).
 
   python launch/train.py --config=configs/single_stage.py --workdir=runs/single_stage_digits
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import two_stage  # noqa: E402
-
-
-def get_config(variant: str = "digits"):
-  c = two_stage.get_config(variant)
-  c.recipe = "single_stage"
-  c.explain.keep = "avoid_target"
-  c.train.epochs = {"digits": 30, "gtsrb": 8, "cifar10": 60}.get(variant, 30)
-  return c
+from backdoor_jax.configs.two_stage import single_stage as get_config  # noqa: F401

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import sys
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from backdoor_jax.configs import badnets
+from backdoor_jax.models.common import expose
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-
-import badnets  # noqa: E402
-import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from backdoor_jax.models.common import expose  # noqa: E402
 
 
 def shared_data(name: str) -> str:
@@ -35,7 +33,13 @@ def tiny_config(**overrides):
 
 
 def apply_overrides(c, **overrides):
-  """Sets dotted keys ('train.lr': 0.1) on a ConfigDict, as --config.KEY=VALUE would."""
+  """Sets dotted keys ('train.lr': 0.1) on a ConfigDict, as --config.KEY=VALUE would.
+
+  ``trigger.kind`` is set first and brings its kind's default section (as the
+  ``digits_KIND`` config variants do), so ``trigger.wanet.s`` can follow it.
+  """
+  if "trigger.kind" in overrides:
+    badnets.use_trigger(c, overrides["trigger.kind"])
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

@@ -1,7 +1,5 @@
 """Explanation-backdoor trainer: losses, step, memory, end-to-end two-stage, bad input."""
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +7,11 @@ import numpy as np
 import pytest
 
 from backdoor_jax import losses, models, triggers
+from backdoor_jax.configs import fang, two_stage
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import engine, explain_setup, explain_steps, optim, restore, state as state_lib, steps
 from backdoor_jax.train.recipes import explanation
-from tests.helpers import REPO, apply_overrides
-
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import two_stage  # noqa: E402
+from tests.helpers import apply_overrides
 
 
 def tiny_two_stage(**overrides):
@@ -183,9 +179,7 @@ def test_train_mode_batchnorm_refused_where_maps_would_mix_samples():
 
 
 def test_fang_weights_follow_overrides():
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import fang_targeted  # pylint: disable=import-outside-toplevel
-  c = fang_targeted.get_config("digits")
+  c = fang.targeted("digits")
   c.fang.alpha, c.fang.beta = 2.0, 0.0
   spec = explain_setup.explain_spec(c, "conv5", (32, 32))
   np.testing.assert_allclose((spec.ce_weight, spec.attack_weight, spec.keep_weight), (0.0, 0.5 / 3, 1.0 / 3))

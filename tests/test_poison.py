@@ -358,7 +358,7 @@ def test_wanet_noise_mode_cross_samples_are_fixed_and_keep_labels(data):
   # Cross images differ from the exact warp (their field has random noise).
   exact = np.asarray(apply_trigger(wanet, images[cross]))
   assert np.mean(x[cross] != exact) > 0.2
-  with pytest.raises(ConfigError, match="needs a 'wanet' trigger"):
+  with pytest.raises(ConfigError, match="needs a kind with one, e.g. 'wanet'; got a 'patch' trigger"):
     P.poison_train_set(_key(2), images, labels, make_patch_trigger(HW, size=2), cross_ratio=2, **kw)
   _raises("cross_ratio -1", P.poison_train_set, _key(2), images, labels, wanet, cross_ratio=-1, **kw)
   _raises("only 190", P.poison_train_set, _key(2), images, labels, wanet, cross_ratio=50, **kw)
@@ -367,7 +367,7 @@ def test_wanet_noise_mode_cross_samples_are_fixed_and_keep_labels(data):
 @pytest.mark.parametrize("kind", ["blend", "filter", "moire", "wanet"])
 def test_every_trigger_kind_poisons(data, kind):
   images, labels, _ = data
-  trig = T.trigger_from_config({"kind": kind}, HW, _key(0))
+  trig = T.trigger_from_config({"kind": kind, kind: {}}, HW, _key(0))  # the kind's section, all defaults
   x, y, is_p = P.poison_train_set(_key(0), images, labels, trig, count=7, target=TARGET, mode="all_to_one",
                                   num_classes=C)
   np.testing.assert_array_equal(x[is_p], np.asarray(apply_trigger(trig, images[is_p])))
@@ -381,7 +381,7 @@ def test_every_trigger_kind_poisons(data, kind):
 
 
 def _experiment(**overrides):
-  from backdoor_jax.train import loop
+  from backdoor_jax import experiment as loop
   from tests import helpers
   return loop, loop.build_experiment(helpers.tiny_config(**overrides))
 

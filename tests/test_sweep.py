@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
+from backdoor_jax.configs import sok_badnets
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.sweep import grid as grid_lib
 from backdoor_jax.sweep import report as report_lib
@@ -17,8 +18,6 @@ from backdoor_jax.train import restore
 from backdoor_jax.train.recipes import badnets, ensemble
 
 from tests.helpers import tiny_config
-
-import sok_badnets  # noqa: E402  (configs/ is on sys.path via tests.helpers)
 
 
 def sweep_config(**grid):

@@ -11,15 +11,13 @@ import flax
 
 from backdoor_jax import models
 from backdoor_jax.errors import ConfigError
+from backdoor_jax.configs import pets_transfer, sok_transfer
 from backdoor_jax.models import torchvision_import as ti
 from backdoor_jax.train import checkpoint as ckpt_lib
 from backdoor_jax.train import init_weights, optim, steps
 from backdoor_jax.train.recipes import badnets
 from backdoor_jax.train.restore import model_kwargs
 from tests.helpers import REPO, apply_overrides
-
-import pets_transfer  # noqa: E402  (configs/ is on sys.path through tests.helpers)
-import sok_transfer  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)

@@ -232,8 +232,8 @@ def test_custom_from_config_npy(tmp_path):
   np.save(tmp_path / "p.npy", pattern)
   np.save(tmp_path / "m.npy", mask)
   cfg = ml_collections.ConfigDict(dict(kind="custom", size=0.1, position="top-right", color="red",
-                                       pattern_path=str(tmp_path / "p.npy"),
-                                       mask_path=str(tmp_path / "m.npy")))
+                                       custom=dict(pattern_path=str(tmp_path / "p.npy"),
+                                                   mask_path=str(tmp_path / "m.npy"))))
   trig = T.trigger_from_config(cfg, (10, 12))
   direct = T.make_patch_trigger((10, 12), kind="custom", pattern=pattern, mask=mask,
                                 position="top-right")
@@ -261,9 +261,10 @@ def test_from_config_optional_fields_and_kind_defaults():
   b = T.make_patch_trigger((32, 32), kind="stripe", size=6, position="top-left", color="red")
   np.testing.assert_array_equal(a.mask, b.mask)
   np.testing.assert_array_equal(a.pattern, b.pattern)
-  # A plain dict works too; "row,col" strings from command lines are accepted.
+  # A plain dict works too; "row,col" strings from command lines are accepted; the
+  # section of a kind the config does not use is ignored.
   c = T.trigger_from_config({"kind": "square", "size": 3, "position": "4,5", "color": "",
-                             "margin": None, "pattern_path": ""}, (32, 32))
+                             "margin": None, "custom": {"pattern_path": ""}}, (32, 32))
   assert np.asarray(c.mask)[4:7, 5:8].all() and np.asarray(c.mask).sum() == 9
 
 
@@ -411,8 +412,9 @@ def test_bad_config(tmp_path):
           ml_collections.ConfigDict(dict(kind="square", colour="red")), (32, 32))
   _raises("kind", T.trigger_from_config, ml_collections.ConfigDict(dict(size=3)), (32, 32))
   missing = str(tmp_path / "nope.npy")
-  _raises(missing, T.trigger_from_config, dict(kind="custom", pattern_path=missing), (32, 32))
-  _raises("p.txt", T.trigger_from_config, dict(kind="custom", pattern_path="p.txt"), (32, 32))
+  _raises(missing, T.trigger_from_config, dict(kind="custom", custom=dict(pattern_path=missing)), (32, 32))
+  _raises("p.txt", T.trigger_from_config, dict(kind="custom", custom=dict(pattern_path="p.txt")), (32, 32))
+  _raises("trigger.custom.pattern_path", T.trigger_from_config, dict(kind="custom", custom={}), (32, 32))
   _raises("'diamond'", T.trigger_from_config, dict(kind="diamond"), (32, 32))
   _raises("size 0.0", T.trigger_from_config, dict(kind="square", size=0.0), (32, 32))
 
@@ -428,3 +430,96 @@ def test_stack_mismatch():
   _raises("different image sizes", T.stack_triggers,
           [T.make_patch_trigger((8, 8)), T.make_patch_trigger((9, 9))])
   _raises("empty", T.stack_triggers, [])
+
+
+# ------------------------------------------------------------------- pattern patches
+
+
+@pytest.mark.parametrize("cell", [1, 2])
+def test_checkerboard_exact_pixels(cell):
+  hw = (8, 10)
+  imgs = _images(hw)
+  trig = T.make_checkerboard_trigger(hw, size=4, position="top-left", margin=1, color="red",
+                                     color2=(0, 0, 255), cell=cell)
+  want = imgs.copy()
+  for i in range(4):
+    for j in range(4):  # box pixel (i, j) at image pixel (1 + i, 1 + j); the box's top-left is red
+      want[:, 1 + i, 1 + j] = (255, 0, 0) if (i // cell + j // cell) % 2 == 0 else (0, 0, 255)
+  np.testing.assert_array_equal(_apply(trig, imgs), want)
+  assert T.trigger_region(trig).sum() == 16 and T.trigger_region(trig)[1:5, 1:5].all()
+  cfg = dict(kind="checkerboard", size=4, position="top-left", margin=1, color="red",
+             checkerboard=dict(color2=(0, 0, 255), cell=cell))
+  np.testing.assert_array_equal(_apply(T.trigger_from_config(cfg, hw), imgs), want)
+
+
+def test_checkerboard_defaults_white_and_black_bottom_right():
+  imgs = _images((6, 6))
+  out = _apply(T.trigger_from_config(dict(kind="checkerboard", size=2, checkerboard={}), (6, 6)), imgs)
+  want = _expected(_expected(imgs, [4, 5], [4, 5], (255, 255, 255)), [4, 5], [5, 4], (0, 0, 0))
+  np.testing.assert_array_equal(out, want)
+  _raises("checkerboard.cell 0", T.make_checkerboard_trigger, (6, 6), cell=0)
+  _raises("unknown trigger color 'mauve'", T.make_checkerboard_trigger, (6, 6), color2="mauve")
+
+
+def test_noise_patch_exact_pixels_and_seeds():
+  hw = (9, 7)
+  imgs = _images(hw)
+  key = jax.random.key(4)
+  trig = T.trigger_from_config(dict(kind="noise_patch", size=3, position="center"), hw, key)
+  box = np.asarray(jax.random.randint(key, (3, 3, 3), 0, 256))
+  want = imgs.copy()
+  want[:, 3:6, 2:5] = box  # center of 9x7: rows (9-3)//2 = 3, cols (7-3)//2 = 2
+  np.testing.assert_array_equal(_apply(trig, imgs), want)
+  assert box.std() > 30 and T.trigger_region(trig).sum() == 9
+  seeded = [T.trigger_from_config(dict(kind="noise_patch", size=3, seed=5), hw, jax.random.key(k)) for k in (1, 2)]
+  np.testing.assert_array_equal(seeded[0].pattern, seeded[1].pattern)  # trigger.seed fixes it
+  other = T.trigger_from_config(dict(kind="noise_patch", size=3, position="center"), hw, jax.random.key(5))
+  assert not np.array_equal(other.pattern, trig.pattern)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_config_sections_defaults_and_errors():
+  assert T.default_config("wanet").to_dict() == dict(k=4, s=0.5, grid_rescale=1.0, cross_ratio=2.0)
+  assert T.default_config("square").to_dict() == {}
+  c = ml_collections.ConfigDict(dict(kind="wanet", size=0.1))
+  _raises("needs the section trigger.wanet", T.trigger_from_config, c, (16, 16))
+  _raises("default_config('wanet')", T.cross_ratio_from_config, c)
+  T.ensure_section(c)
+  c.wanet.s = 0.0
+  T.ensure_section(c)  # an existing section is kept
+  assert c.wanet.s == 0.0 and c.wanet.k == 4
+  x = _images((16, 16))
+  np.testing.assert_array_equal(_apply(T.trigger_from_config(c, (16, 16), jax.random.key(0)), x), x)  # s=0: identity
+  c.wanet.cross_ratio = 1.5
+  assert T.cross_ratio_from_config(c) == 1.5
+  c.wanet.cross_ratio = -1.0
+  _raises("wanet.cross_ratio -1.0", T.cross_ratio_from_config, c)
+  partial = T.trigger_from_config(dict(kind="wanet", wanet=dict(s=1.0)), (16, 16), jax.random.key(3))
+  full = T.make_wanet_trigger((16, 16), jax.random.key(3), k=4, s=1.0)  # missing fields take the defaults
+  np.testing.assert_array_equal(partial.coords, full.coords)
+  assert T.cross_ratio_from_config(dict(kind="square")) == 0.0
+  # old flat keys point to their section; unknown kinds list the registered ones
+  _raises("did you mean trigger.wanet.k", T.trigger_from_config, dict(kind="wanet", wanet_k=4), (16, 16))
+  _raises("did you mean trigger.blend.alpha", T.trigger_from_config, dict(kind="blend", alpha=0.1), (16, 16))
+  _raises("allowed: square, stripe, dots", T.trigger_from_config, dict(kind="diamond"), (16, 16))
+  _raises("trigger.filter is 0.5", T.trigger_from_config, dict(kind="filter", filter=0.5), (16, 16))
+  _raises("unknown field trigger.square.size", T.trigger_from_config, dict(kind="square", square=dict(size=3)),
+          (16, 16))
+
+
+def test_register_trigger_checks_names():
+  build = lambda args: T.make_patch_trigger(args.image_hw)
+  _raises("already registered", T.register_trigger("square"), build)
+  _raises("'Bad-Name'", T.register_trigger, "Bad-Name")
+  _raises("'size'", T.register_trigger, "size")  # would clash with the common fields
+  _raises("'not ok'", T.register_trigger, "fine", defaults={"not ok": 1})
+  assert "test_only_kind" not in T.trigger_kinds()
+  try:
+    T.register_trigger("test_only_kind")(build)
+    assert T.trigger_kinds()[-1] == "test_only_kind"
+    assert T.trigger_from_config(dict(kind="Test_Only_Kind"), (8, 8)).has_region
+  finally:
+    T.unregister_trigger("test_only_kind")
+  assert "test_only_kind" not in T.trigger_kinds()

@@ -1,13 +1,11 @@
 """Known-answer tests for the blend, WaNet, photo-filter and moire triggers and the shared API."""
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from backdoor_jax import triggers as T
+from backdoor_jax.configs import badnets
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.triggers import moire, warp
 
@@ -55,7 +53,7 @@ def test_blend_formula_noise_is_seeded_and_in_range():
 
 def test_blend_with_corner_mask_changes_only_the_region():
   x = _images()
-  cfg = dict(kind="blend", alpha=1.0, blend_region="patch", size=4, position="top-left")
+  cfg = dict(kind="blend", blend=dict(alpha=1.0, region="patch"), size=4, position="top-left")
   t = T.trigger_from_config(cfg, HW, _key(1))
   out = np.asarray(T.apply_trigger(t, x))
   np.testing.assert_array_equal(out[:, 4:], x[:, 4:])
@@ -72,7 +70,7 @@ def test_blend_pattern_from_image_file(tmp_path):
   Image.fromarray(rgb).save(tmp_path / "t.png")
   np.save(tmp_path / "t.npy", rgb)
   for name in ("t.png", "t.npy"):
-    t = T.trigger_from_config(dict(kind="blend", alpha=1.0, blend_pattern=str(tmp_path / name)), HW)
+    t = T.trigger_from_config(dict(kind="blend", blend=dict(alpha=1.0, pattern=str(tmp_path / name))), HW)
     np.testing.assert_array_equal(np.asarray(t.pattern), rgb.astype(np.float32))
   big = T.make_blend_trigger((8, 10), alpha=0.5, pattern=str(tmp_path / "t.png"))  # resized on load
   assert big.pattern.shape == (8, 10, 3)
@@ -228,8 +226,8 @@ def test_moire_overlay_formula():
 
 
 def _all_kinds(hw=HW):
-  cfgs = [dict(kind="square", size=3), dict(kind="blend"), dict(kind="blend", blend_region="patch", size=4),
-          dict(kind="wanet"), dict(kind="filter"), dict(kind="moire")]
+  cfgs = [dict(kind="square", size=3), dict(kind="blend", blend={}), dict(kind="blend", blend=dict(region="patch"), size=4),
+          dict(kind="wanet", wanet={}), dict(kind="filter", filter={}), dict(kind="moire", moire={})]
   return [(c, T.trigger_from_config(c, hw, _key(11))) for c in cfgs]
 
 
@@ -264,7 +262,7 @@ def test_every_kind_stacks_for_vmap():
 def test_region_less_kinds_raise_a_clear_error():
   from backdoor_jax.explain import metrics
   for cfg, t in _all_kinds():
-    if cfg["kind"] == "square" or cfg.get("blend_region") == "patch":
+    if cfg["kind"] == "square" or cfg.get("blend", {}).get("region") == "patch":
       assert t.has_region and T.trigger_region(t).any()
       continue
     assert not t.has_region
@@ -279,33 +277,32 @@ def test_shape_mismatch_and_bad_values():
   T.apply_trigger(T.make_filter_trigger(), np.zeros((1, 5, 7, 3)))  # filters fit any size
   _raises("alpha 1.5", T.make_blend_trigger, HW, alpha=1.5, key=_key())
   _raises("key=None", T.make_blend_trigger, HW, alpha=0.5)
-  _raises("wanet_k 1", T.make_wanet_trigger, HW, _key(), k=1)
-  _raises("wanet_k 17", T.make_wanet_trigger, HW, _key(), k=17)
-  _raises("wanet_s -0.1", T.make_wanet_trigger, HW, _key(), s=-0.1)
-  _raises("wanet_grid_rescale 0", T.make_wanet_trigger, HW, _key(), grid_rescale=0)
+  _raises("wanet.k 1", T.make_wanet_trigger, HW, _key(), k=1)
+  _raises("wanet.k 17", T.make_wanet_trigger, HW, _key(), k=17)
+  _raises("wanet.s -0.1", T.make_wanet_trigger, HW, _key(), s=-0.1)
+  _raises("wanet.grid_rescale 0", T.make_wanet_trigger, HW, _key(), grid_rescale=0)
   _raises("'sepia'", T.make_filter_trigger, "sepia")
-  _raises("filter_strength 2", T.make_filter_trigger, strength=2)
-  _raises("moire_opacity -1", T.make_moire_trigger, HW, _key(), opacity=-1)
-  _raises("moire_spacing 0", T.make_moire_trigger, HW, _key(), spacing=0)
-  _raises("moire_angles", T.make_moire_trigger, HW, _key(), angles=(1.0,))
+  _raises("filter.strength 2", T.make_filter_trigger, strength=2)
+  _raises("moire.opacity -1", T.make_moire_trigger, HW, _key(), opacity=-1)
+  _raises("moire.spacing 0", T.make_moire_trigger, HW, _key(), spacing=0)
+  _raises("moire.angles", T.make_moire_trigger, HW, _key(), angles=(1.0,))
   _raises("'diamond'", T.trigger_from_config, dict(kind="diamond"), HW)
-  _raises("'wanet_kk'", T.trigger_from_config, dict(kind="wanet", wanet_kk=3), HW)
-  _raises("'middle'", T.trigger_from_config, dict(kind="blend", blend_region="middle"), HW)
-  _raises("seed -2", T.trigger_from_config, dict(kind="blend", seed=-2), HW)
+  _raises("trigger.wanet.kk", T.trigger_from_config, dict(kind="wanet", wanet=dict(kk=3)), HW)
+  _raises("'middle'", T.trigger_from_config, dict(kind="blend", blend=dict(region="middle")), HW)
+  _raises("seed -2", T.trigger_from_config, dict(kind="blend", seed=-2, blend={}), HW)
+  _raises("wanet.k 1", T.trigger_from_config, dict(kind="wanet", wanet=dict(k=1)), HW)  # section values reach the builder
 
 
 def test_config_seed_fixes_the_pattern_and_key_is_used_otherwise():
-  a = T.trigger_from_config(dict(kind="blend", seed=3), HW, _key(1))
-  b = T.trigger_from_config(dict(kind="blend", seed=3), HW, _key(2))
+  a = T.trigger_from_config(dict(kind="blend", seed=3, blend={}), HW, _key(1))
+  b = T.trigger_from_config(dict(kind="blend", seed=3, blend={}), HW, _key(2))
   np.testing.assert_array_equal(a.pattern, b.pattern)
-  c = T.trigger_from_config(dict(kind="blend", seed=-1), HW, _key(1))
-  d = T.trigger_from_config(dict(kind="blend"), HW, _key(2))
+  c = T.trigger_from_config(dict(kind="blend", seed=-1, blend={}), HW, _key(1))
+  d = T.trigger_from_config(dict(kind="blend", blend={}), HW, _key(2))
   assert not np.array_equal(c.pattern, d.pattern)
 
 
 def test_badnets_variants_build_their_triggers():
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-  import badnets  # pylint: disable=g-import-not-at-top
   kinds = {}
   for variant in badnets.VARIANTS:
     c = badnets.get_config(variant)
@@ -315,6 +312,14 @@ def test_badnets_variants_build_their_triggers():
   assert kinds["digits"] == "patch" and kinds["digits_wanet"] == "wanet" and kinds["gtsrb_moire"] == "moire"
   assert T.cross_ratio_from_config(badnets.get_config("digits_wanet").trigger) == 2.0
   assert T.cross_ratio_from_config(badnets.get_config("digits").trigger) == 0.0
+  # a config names only the kind it uses; digits_KIND exists for every registered kind
+  wanet = badnets.get_config("digits_wanet").trigger
+  assert [k for k in wanet if k in T.trigger_kinds()] == ["wanet"] and wanet.wanet.to_dict() == dict(
+      k=4, s=0.5, grid_rescale=1.0, cross_ratio=2.0)
+  assert [k for k in badnets.get_config("digits").trigger if k in T.trigger_kinds()] == []
+  assert badnets.get_config("gtsrb_checkerboard").trigger.checkerboard.cell == 1
+  with pytest.raises(ConfigError, match="digits_KIND"):
+    badnets.get_config("digits_diamond")
 
 
 # ------------------------------------------------------------------------------ ssba
@@ -329,7 +334,7 @@ def test_ssba_encoder_roundtrip_bounded_and_jittable(tmp_path):
   enc = enc_mod.init(_key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 4)))["params"]
   path = str(tmp_path / "enc.npz")
   ssba.save_encoder(path, enc, bits=bits, image_hw=(8, 8), max_residual=6.0, info={"psnr": 40.0})
-  t = T.trigger_from_config(dict(kind="ssba", ssba_path=path), (8, 8))
+  t = T.trigger_from_config(dict(kind="ssba", ssba=dict(path=path)), (8, 8))
   assert isinstance(t, T.SSBATrigger) and not t.has_region
   out = np.asarray(T.apply_trigger(t, imgs))
   assert out.dtype == np.uint8 and np.abs(out.astype(int) - imgs).max() <= 6
@@ -337,7 +342,8 @@ def test_ssba_encoder_roundtrip_bounded_and_jittable(tmp_path):
   xf = imgs.astype(np.float32)
   direct = enc_mod.apply({"params": enc}, xf / 255.0, jnp.broadcast_to(bits, (4, 4)))
   np.testing.assert_allclose(T.apply_trigger(t, xf), np.clip(xf + np.asarray(direct), 0, 255), atol=1e-3)
-  _raises("trained for 8x8", T.trigger_from_config, dict(kind="ssba", ssba_path=path), (16, 16))
-  _raises("needs ssba_path", T.trigger_from_config, dict(kind="ssba"), (8, 8))
-  _raises("could not be loaded", T.trigger_from_config, dict(kind="ssba", ssba_path=str(tmp_path / "x.npz")), (8, 8))
+  _raises("trained for 8x8", T.trigger_from_config, dict(kind="ssba", ssba=dict(path=path)), (16, 16))
+  _raises("needs trigger.ssba.path", T.trigger_from_config, dict(kind="ssba", ssba={}), (8, 8))
+  _raises("could not be loaded", T.trigger_from_config, dict(kind="ssba", ssba=dict(path=str(tmp_path / "x.npz"))),
+          (8, 8))
   _raises("has no region", T.trigger_region, t)

@@ -11,6 +11,11 @@ The cells are the cartesian product of the grid values and the seeds. With
 ``clean_baseline`` each combination of the grid keys outside ``trigger``/``poison``
 (architecture, dataset, ...) and each seed also gets one clean cell, trained with
 ``poison.rate = 0``; an attack cell's clean-accuracy drop is measured against it.
+
+Trigger kinds: a grid over ``trigger.kind`` may also vary a kind's own settings
+(``trigger.wanet.s``) even when the base config has no section for that kind; each cell's
+config gets the default section of its kind (:func:`backdoor_jax.triggers.default_config`)
+and keeps no section of another kind.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from backdoor_jax import triggers
 from backdoor_jax.errors import ConfigError
 
 # Grid keys under these sections describe the attack; the rest describe the model/data.
@@ -85,7 +91,7 @@ def grid_axes(config: config_dict.ConfigDict) -> list[tuple[str, tuple[Any, ...]
   if not flat:
     raise ConfigError("sweep.grid is empty; give at least one config key and its values, "
                       "e.g. --config.sweep.grid.poison.rate='(0.01,0.02)' in the config file")
-  known = _flatten({k: v for k, v in config.items() if k != "sweep"})
+  known = _flatten({k: v for k, v in _with_trigger_sections(config, flat).items() if k != "sweep"})
   axes = []
   for key, values in flat.items():
     if key == "seed":
@@ -99,6 +105,35 @@ def grid_axes(config: config_dict.ConfigDict) -> list[tuple[str, tuple[Any, ...]
       raise ConfigError(f"sweep.grid.{key} must be a non-empty list of values, got {values!r}")
     axes.append((key, tuple(values)))
   return axes
+
+
+def _grid_kinds(config: config_dict.ConfigDict, flat_grid: dict[str, Any]) -> list[str]:
+  """The trigger kinds a sweep visits: the base config's and those of the grid's ``trigger.kind``."""
+  kinds = list(flat_grid.get("trigger.kind", ()))
+  if "trigger" in config and config.trigger.get("kind") is not None:
+    kinds.append(config.trigger.kind)
+  return [k.strip().lower() if isinstance(k, str) else k for k in kinds]
+
+
+def _with_trigger_sections(config: config_dict.ConfigDict, flat_grid: dict[str, Any]) -> config_dict.ConfigDict:
+  """A copy of ``config`` whose trigger config has the default section of every kind the sweep visits."""
+  c = copy.deepcopy(config)
+  if "trigger" not in c:
+    return c
+  with c.unlocked():
+    for kind in _grid_kinds(c, flat_grid):
+      triggers.ensure_section(c.trigger, kind)  # ConfigError for an unknown kind
+  return c
+
+
+def _prune_trigger_sections(config: config_dict.ConfigDict) -> None:
+  """Drops the sections of registered trigger kinds other than ``trigger.kind`` (in place)."""
+  if "trigger" not in config:
+    return
+  kind = str(config.trigger.get("kind", "")).strip().lower()
+  for name in triggers.trigger_kinds():
+    if name != kind and name in config.trigger:
+      del config.trigger[name]
 
 
 def seeds(config: config_dict.ConfigDict) -> tuple[int, ...]:
@@ -143,11 +178,17 @@ def set_key(config: config_dict.ConfigDict, key: str, value: Any) -> None:
 
 
 def cell_config(config: config_dict.ConfigDict, cell: Cell) -> config_dict.ConfigDict:
-  """The training config of one cell: the base config with the cell's values and seed."""
-  c = copy.deepcopy(config)
+  """The training config of one cell: the base config with the cell's values and seed.
+
+  The trigger config holds the section of the cell's kind (the base config's, or the
+  kind's defaults) and no other kind's section.
+  """
+  c = _with_trigger_sections(config, _flatten(config.sweep.grid) if "sweep" in config and "grid" in config.sweep
+                             else {})
   with c.unlocked():
     for key, value in cell.values:
       set_key(c, key, value)
+    _prune_trigger_sections(c)
     c.seed = int(cell.seed)
     if cell.role == "clean":
       c.poison.rate = 0.0

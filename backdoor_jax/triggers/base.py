@@ -11,6 +11,10 @@ checks, uint8 -> float32 -> uint8 with rounding (half to even) and clipping to
 ``[0, 255]``. Float inputs come back as float of the same dtype, unclipped (every built-in
 kind maps ``[0, 255]`` inputs into ``[0, 255]``).
 
+A kind may also have a *cross mode* (WaNet's noise mode): ``apply_cross(images, keys)``
+gives each image its own randomised variant of the trigger; the poisoning code uses it on
+samples that keep their labels. Kinds without one keep ``has_cross_mode = False``.
+
 Some kinds mark a *region* of the image (patches, a blend confined to a corner square);
 explanation attacks and the weak-trigger statistic need it. Kinds without one (WaNet,
 photo filters, moire, full-image blends) raise :class:`ConfigError` from
@@ -18,6 +22,7 @@ photo filters, moire, full-image blends) raise :class:`ConfigError` from
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -49,7 +54,17 @@ class TriggerBase:
     """``(H, W, 1)`` float mask of the trigger's region; ConfigError if it has none."""
     raise ConfigError(
         f"trigger kind {self.KIND!r} changes the whole image and has no region (mask); this needs one of "
-        "the region kinds: square, stripe, dots, custom, or blend with blend_region='patch'")
+        "a kind with a region: a patch (square, stripe, dots, custom, checkerboard, noise_patch) or blend with "
+        "trigger.blend.region='patch'")
+
+  @property
+  def has_cross_mode(self) -> bool:
+    """True for kinds with a per-image randomised variant (:meth:`apply_cross`)."""
+    return False
+
+  def apply_cross(self, images: jax.Array, keys: jax.Array) -> jax.Array:
+    """Cross-mode images: ``images`` ``(B, H, W, 3)`` each with its own variant drawn from ``keys`` ``(B,)``."""
+    raise ConfigError(f"trigger kind {self.KIND!r} has no cross (noise) mode; allowed: a kind with one, e.g. 'wanet'")
 
   def _apply_float(self, x: jax.Array) -> jax.Array:  # pragma: no cover - abstract
     raise NotImplementedError
@@ -131,6 +146,23 @@ def cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
   if value is None or (isinstance(value, str) and not value.strip()):
     return default  # None or "" (a common "unset" value for string fields) -> default
   return value
+
+
+def is_section(value: Any) -> bool:
+  """True for a config section: a ConfigDict, dict or other mapping."""
+  return isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "get"))
+
+
+def check_image_hw(image_hw: Any) -> tuple[int, int]:
+  """``(H, W)`` as ints; ConfigError unless two positive ints."""
+  try:
+    ok = len(image_hw) == 2 and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+                                    and v > 0 for v in image_hw)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ConfigError(f"image size {image_hw!r} is invalid; allowed: (height, width) of positive ints")
+  return int(image_hw[0]), int(image_hw[1])
 
 
 def cfg_keys(cfg: Any) -> list[str]:

@@ -4,8 +4,12 @@
 and channel, drawn once from a PRNG key) or an image file (``.png``/``.jpg`` read with
 PIL and resized bilinearly to ``(H, W)``, or an ``.npy`` array ``(H, W, 3)`` in
 ``[0, 255]``). Without a mask the whole image is blended and the trigger has no region;
-with one (e.g. a corner square from ``blend_region='patch'``) only the masked pixels
-change and the mask is the region.
+with one (e.g. a corner square from ``trigger.blend.region = 'patch'``) only the masked
+pixels change and the mask is the region.
+
+Config section ``trigger.blend``: ``alpha`` (0.2), ``pattern`` (``'noise'``, an image file
+or ``.npy``), ``region`` (``'full'``, or ``'patch'``: a square from the common ``size`` /
+``position`` / ``margin``).
 """
 from __future__ import annotations
 
@@ -19,10 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backdoor_jax.errors import ConfigError
+from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.triggers.base import TriggerBase, load_npy, mix
+from backdoor_jax.triggers.patch import make_patch_trigger
+from backdoor_jax.triggers.registry import TriggerArgs, register_trigger
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+BLEND_REGIONS = ("full", "patch")
 
 
 @chex.dataclass(frozen=True)
@@ -81,7 +88,7 @@ def load_pattern_image(path: Any, image_hw: tuple[int, int]) -> np.ndarray:
   path = os.fspath(path)
   h, w = image_hw
   if path.lower().endswith(".npy"):
-    arr = load_npy(path, "blend_pattern").astype(np.float64)
+    arr = load_npy(path, "blend.pattern").astype(np.float64)
     if arr.shape != (h, w, 3) or not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 255:
       raise ConfigError(f"blend pattern {path!r} has shape {arr.shape}; allowed: ({h}, {w}, 3) with "
                         "finite values in [0, 255] (or an image file, resized automatically)")
@@ -121,7 +128,7 @@ def make_blend_trigger(image_hw: tuple[int, int],
     ConfigError: for any invalid value.
   """
   h, w = (int(v) for v in image_hw)
-  alpha = check_unit_interval(alpha, "alpha")
+  alpha = check_unit_interval(alpha, "blend.alpha")
   if isinstance(pattern, str) and pattern.strip().lower() == "noise":
     if key is None:
       raise ConfigError("blend pattern 'noise' needs a PRNG key; got key=None")
@@ -147,3 +154,16 @@ def make_blend_trigger(image_hw: tuple[int, int],
     region = jnp.asarray(m)
   return BlendTrigger(pattern=jnp.asarray(pat, jnp.float32), weight=jnp.asarray(alpha * m, jnp.float32),
                       region=region)
+
+
+@register_trigger("blend", defaults={"alpha": 0.2, "pattern": "noise", "region": "full"})
+def build_blend(args: TriggerArgs) -> BlendTrigger:
+  """blend: ``trigger.blend.alpha``, ``pattern``, ``region`` (module docstring)."""
+  region = args.options["region"]
+  check_choice("trigger blend.region", region, BLEND_REGIONS)
+  mask = None
+  if region == "patch":
+    mask = make_patch_trigger(args.image_hw, kind="square", size=args.size, position=args.position,
+                              margin=args.margin).mask
+  return make_blend_trigger(args.image_hw, alpha=args.options["alpha"], pattern=args.options["pattern"],
+                            key=args.key, mask=mask)

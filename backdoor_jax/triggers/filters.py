@@ -15,6 +15,8 @@ The trigger output is ``(1 - strength) * x + strength * nashville(x)``. Everythi
 smooth array function almost everywhere (min/max/clip), so it can be differentiated.
 Unlike pilgram it never rounds to 8 bits between steps; results differ from it by at
 most a few levels of 255.
+
+Config section ``trigger.filter``: ``name`` (``'nashville'``), ``strength`` (1).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 from backdoor_jax.errors import check_choice
 from backdoor_jax.triggers.base import TriggerBase
 from backdoor_jax.triggers.blend import check_unit_interval
+from backdoor_jax.triggers.registry import TriggerArgs, register_trigger
 
 FILTER_NAMES = ("nashville",)
 
@@ -103,7 +106,12 @@ def make_filter_trigger(name: str = "nashville", strength: float = 1.0) -> Filte
   Raises:
     ConfigError: for an unknown name or a strength outside ``[0, 1]``.
   """
-  check_choice("trigger filter_name", name, FILTER_NAMES)
-  strength = check_unit_interval(strength, "filter_strength")
+  check_choice("trigger filter.name", name, FILTER_NAMES)
+  strength = check_unit_interval(strength, "filter.strength")
   return FilterTrigger(strength=jnp.asarray(strength, jnp.float32))
 
+
+@register_trigger("filter", defaults={"name": "nashville", "strength": 1.0})
+def build_filter(args: TriggerArgs) -> FilterTrigger:
+  """filter: ``trigger.filter.name``, ``strength``."""
+  return make_filter_trigger(args.options["name"], args.options["strength"])

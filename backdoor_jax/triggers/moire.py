@@ -14,6 +14,10 @@ imitates that on the host, once, from a PRNG key:
 
 The trigger blends the line colour in with weight ``opacity * lines``:
 ``x' = x (1 - w) + color w`` (a region-less overlay: the lines cover the image).
+
+Config section ``trigger.moire``: ``opacity`` (0.5), ``spacing`` (2 px), ``angles``
+((0, 5) degrees), ``perspective`` (0.15); the line colour is the common ``color``
+(white when unset).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import numpy as np
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.triggers.base import TriggerBase, mix
 from backdoor_jax.triggers.blend import check_unit_interval
+from backdoor_jax.triggers.registry import TriggerArgs, register_trigger
 
 SUPERSAMPLE = 4
 LINE_SHARPNESS = 4.0
@@ -127,18 +132,27 @@ def make_moire_trigger(image_hw: tuple[int, int],
     ConfigError: for any invalid value.
   """
   h, w = (int(v) for v in image_hw)
-  opacity = check_unit_interval(opacity, "moire_opacity")
-  spacing = _check_positive(spacing, "moire_spacing")
+  opacity = check_unit_interval(opacity, "moire.opacity")
+  spacing = _check_positive(spacing, "moire.spacing")
   try:
     angles = tuple(float(a) for a in angles)
   except (TypeError, ValueError):
     angles = ()
   if len(angles) != 2 or not all(math.isfinite(a) for a in angles):
-    raise ConfigError("trigger moire_angles is invalid; allowed: two finite angles in degrees, e.g. (0, 5)")
+    raise ConfigError("trigger moire.angles is invalid; allowed: two finite angles in degrees, e.g. (0, 5)")
   if not isinstance(perspective, numbers.Real) or isinstance(perspective, bool) or not 0 <= perspective <= 0.5:
-    raise ConfigError(f"trigger moire_perspective {perspective!r} is invalid; allowed: a number in [0, 0.5]")
+    raise ConfigError(f"trigger moire.perspective {perspective!r} is invalid; allowed: a number in [0, 0.5]")
   from backdoor_jax.triggers.patch import parse_color  # pylint: disable=g-import-not-at-top
   rgb = parse_color(color)
   dens = moire_density((h, w), key, spacing=spacing, angles=angles, perspective=float(perspective))
   pattern = np.broadcast_to(np.asarray(rgb, np.float32), (h, w, 3))
   return MoireTrigger(pattern=jnp.asarray(pattern), weight=jnp.asarray(opacity * dens[..., None], jnp.float32))
+
+
+@register_trigger("moire", defaults={"opacity": 0.5, "spacing": 2.0, "angles": (0.0, 5.0), "perspective": 0.15})
+def build_moire(args: TriggerArgs) -> MoireTrigger:
+  """moire: ``trigger.moire.opacity``, ``spacing``, ``angles``, ``perspective``; lines in ``color``."""
+  o = args.options
+  return make_moire_trigger(args.image_hw, args.key, opacity=o["opacity"], spacing=o["spacing"], angles=o["angles"],
+                            perspective=o["perspective"],
+                            color=(255, 255, 255) if args.color is None else args.color)

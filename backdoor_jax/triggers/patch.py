@@ -6,7 +6,7 @@ full-image arrays, so it can be passed through ``jax.jit`` / ``jax.vmap`` and st
 into a batch of triggers (see :func:`stack_triggers`).
 
 All checking of user input happens in :func:`make_patch_trigger` and
-:func:`trigger_from_config`, on the host, and raises
+:func:`~backdoor_jax.triggers.trigger_from_config`, on the host, and raises
 :class:`backdoor_jax.errors.ConfigError` with a one-line message.
 
 Geometry of the built-in kinds (``s`` is the patch side in pixels, see ``size``):
@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from backdoor_jax.errors import ConfigError, check_choice
-from backdoor_jax.triggers.base import TriggerBase, apply_trigger, cfg_get, load_npy, mix  # noqa: F401
+from backdoor_jax.triggers.base import TriggerBase, apply_trigger, check_image_hw, load_npy, mix  # noqa: F401
+from backdoor_jax.triggers.registry import TriggerArgs, register_trigger
 
-TRIGGER_KINDS = ("square", "stripe", "dots", "custom")  # the patch kinds (all kinds: triggers.TRIGGER_KINDS)
+TRIGGER_KINDS = ("square", "stripe", "dots", "custom")  # the patch kinds (all kinds: triggers.trigger_kinds())
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -58,9 +59,6 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "dots": {"color": "red", "position": "bottom-right"},
     "custom": {"color": None, "position": "bottom-right"},
 }
-
-# Fields :func:`patch_from_config` reads.
-CONFIG_FIELDS = ("kind", "size", "position", "color", "margin", "pattern_path", "mask_path")
 
 
 @chex.dataclass(frozen=True)
@@ -129,16 +127,6 @@ def _is_int(x: Any) -> bool:
   return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
-def _check_image_hw(image_hw: Any) -> tuple[int, int]:
-  try:
-    ok = len(image_hw) == 2 and all(_is_int(v) and v > 0 for v in image_hw)
-  except TypeError:
-    ok = False
-  if not ok:
-    raise ConfigError(f"image size {image_hw!r} is invalid; allowed: (height, width) of positive ints")
-  return int(image_hw[0]), int(image_hw[1])
-
-
 def _round_half_up(x: float) -> int:
   return int(math.floor(x + 0.5))
 
@@ -157,7 +145,7 @@ def patch_side(size: Any, image_hw: tuple[int, int]) -> int:
     ConfigError: for non-numbers, non-finite or non-positive values, and non-integer
       pixel counts.
   """
-  h, w = _check_image_hw(image_hw)
+  h, w = check_image_hw(image_hw)
   allowed = "a fraction in (0, 1) of the shorter image side or an integer pixel count >= 1"
   if (isinstance(size, (bool, np.bool_)) or not isinstance(size, numbers.Real)
       or not math.isfinite(float(size)) or size <= 0):
@@ -231,7 +219,7 @@ def parse_color(color: Any) -> tuple[int, int, int]:
   return int(value[0]), int(value[1]), int(value[2])
 
 
-def _check_margin(margin: Any) -> int:
+def check_margin(margin: Any) -> int:
   if not _is_int(margin) or margin < 0:
     raise ConfigError(f"trigger margin {margin!r} is invalid; allowed: an int >= 0 (pixels)")
   return int(margin)
@@ -345,16 +333,16 @@ def make_patch_trigger(image_hw: tuple[int, int],
   Raises:
     ConfigError: naming the bad value and what is allowed.
   """
-  h, w = _check_image_hw(image_hw)
+  h, w = check_image_hw(image_hw)
   if isinstance(kind, str) and kind.strip().lower() in TRIGGER_KINDS:
     kind = kind.strip().lower()
   check_choice("trigger kind", kind, TRIGGER_KINDS)
-  margin = _check_margin(margin)
+  margin = check_margin(margin)
   pos = parse_position(KIND_DEFAULTS[kind]["position"] if position is None else position)
 
   if kind == "custom":
     if pattern is None:
-      raise ConfigError("trigger kind 'custom' needs a pattern (h, w, 3) array or pattern_path; got None")
+      raise ConfigError("trigger kind 'custom' needs a pattern (h, w, 3) array or trigger.custom.pattern_path; got None")
     box_pat, box_mask = _custom_box(pattern, mask)
     size_desc = "custom pattern"
   else:
@@ -366,36 +354,49 @@ def make_patch_trigger(image_hw: tuple[int, int],
     box_pat = np.broadcast_to(np.asarray(rgb, np.float64), box_mask.shape + (3,))
     size_desc = f"size={size!r}"
 
+  return place_box(box_pat, box_mask, (h, w), pos, margin, size_desc)
+
+
+def place_box(box_pattern: np.ndarray, box_mask: np.ndarray, image_hw: tuple[int, int],
+              position: str | tuple[int, int], margin: int, size_desc: str) -> Trigger:
+  """Pastes an ``(h, w, 3)`` pattern with its ``(h, w)`` mask at a parsed position as a full-image :class:`Trigger`.
+
+  Args:
+    box_pattern: ``(h, w, 3)`` pixel values in ``[0, 255]``.
+    box_mask: ``(h, w)`` in ``[0, 1]``; the pattern is zeroed where it is 0.
+    image_hw: ``(H, W)``, checked.
+    position: from :func:`parse_position`.
+    margin: from the border, for the named corners.
+    size_desc: how the box's size was asked for (for error messages).
+  Raises:
+    ConfigError: when the box does not fit in the image at that position.
+  """
+  h, w = image_hw
   bh, bw = box_mask.shape
-  r, c = _origin(pos, (bh, bw), (h, w), margin, size_desc)
+  r, c = _origin(position, (bh, bw), (h, w), margin, size_desc)
   full_mask = np.zeros((h, w, 1), np.float32)
   full_pat = np.zeros((h, w, 3), np.float32)
   full_mask[r:r + bh, c:c + bw, 0] = box_mask
-  full_pat[r:r + bh, c:c + bw] = box_pat * (box_mask[..., None] > 0)
+  full_pat[r:r + bh, c:c + bw] = box_pattern * (box_mask[..., None] > 0)
   return Trigger(pattern=jnp.asarray(full_pat), mask=jnp.asarray(full_mask))
 
 
-def patch_from_config(cfg: Any, image_hw: tuple[int, int]) -> Trigger:
-  """Builds a patch trigger from a config's patch fields (other fields are ignored).
+def build_shape(args: TriggerArgs) -> Trigger:
+  """square / stripe / dots from the common settings ``size``, ``position``, ``color``, ``margin``."""
+  return make_patch_trigger(args.image_hw, kind=args.kind, size=args.size, position=args.position,
+                            color=args.color, margin=args.margin)
 
-  Fields (missing or ``None``/``""`` -> the :func:`make_patch_trigger` /
-  :data:`KIND_DEFAULTS` default): ``kind``, ``size``, ``position`` (name,
-  ``(row, col)``, or ``"row,col"``), ``color``, ``margin``, and for ``kind='custom'``
-  ``pattern_path`` (``.npy`` ``(h, w, 3)``) and ``mask_path`` (``.npy`` ``(h, w)``).
-  Use :func:`backdoor_jax.triggers.trigger_from_config`, which also checks field names.
-  """
-  kind = cfg_get(cfg, "kind")
-  pattern_path = cfg_get(cfg, "pattern_path")
-  mask_path = cfg_get(cfg, "mask_path")
-  pattern = load_npy(pattern_path, "pattern_path") if pattern_path else None
-  mask = load_npy(mask_path, "mask_path") if mask_path else None
-  is_custom = isinstance(kind, str) and kind.strip().lower() == "custom"
-  return make_patch_trigger(
-      image_hw,
-      kind=kind,
-      size=cfg_get(cfg, "size", 0.1),
-      position=cfg_get(cfg, "position"),
-      color=None if is_custom else cfg_get(cfg, "color"),
-      margin=cfg_get(cfg, "margin", 0),
-      pattern=pattern,
-      mask=mask)
+
+for _kind in ("square", "stripe", "dots"):
+  register_trigger(_kind)(build_shape)
+
+
+@register_trigger("custom", defaults={"pattern_path": "", "mask_path": ""})
+def build_custom(args: TriggerArgs) -> Trigger:
+  """custom: ``trigger.custom.pattern_path`` (``.npy`` ``(h, w, 3)``) and ``mask_path`` (``.npy`` ``(h, w)``,
+  optional), placed at ``position`` with ``margin`` (``size`` and ``color`` are not used)."""
+  pattern_path, mask_path = args.options["pattern_path"], args.options["mask_path"]
+  pattern = load_npy(pattern_path, "custom.pattern_path") if pattern_path else None
+  mask = load_npy(mask_path, "custom.mask_path") if mask_path else None
+  return make_patch_trigger(args.image_hw, kind="custom", size=args.size, position=args.position,
+                            margin=args.margin, pattern=pattern, mask=mask)

@@ -1,29 +1,147 @@
-"""One entry point from a config to a trigger of any kind: :func:`trigger_from_config`."""
+"""The trigger registry: each kind declares its name, its config section and its builder.
+
+A trigger config (``c.trigger``) holds::
+
+  kind                            the kind used: a registered name (:func:`trigger_kinds`)
+  size, position, color, margin   patch settings shared by the kinds that place or colour
+                                  something (patches, ``blend`` with region 'patch', moire lines)
+  seed                            random patterns: -1 = from the run's key, >= 0 fixes them
+  <kind>                          the kind's own section, e.g. ``trigger.wanet.k``; only kinds
+                                  with settings of their own have one
+
+A config names only the kinds it uses. The chosen kind's section must be there (the error
+says how to add it: ``c.trigger.wanet = triggers.default_config('wanet')``); missing fields
+of a section take the kind's defaults. Sections of *other* registered kinds are ignored
+(a sweep over ``trigger.kind`` carries one per kind it visits); any other key, in the
+config or in the section, is rejected as a typo.
+
+Adding a kind is one module that builds the trigger and registers itself::
+
+  @register_trigger("mykind", defaults={"strength": 0.5})
+  def build(args: TriggerArgs) -> MyTrigger:
+    return MyTrigger(...)   # args.image_hw, args.key, args.options["strength"], args.size, ...
+
+Modules inside ``backdoor_jax/triggers/`` are imported (and so registered) with the
+package; a kind defined elsewhere is registered when its module is imported.
+"""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import re
+import types
+from typing import Any, Callable, Mapping, NamedTuple
 
 import chex
 import jax
+from ml_collections import config_dict
 
 from backdoor_jax.errors import ConfigError, check_choice
-from backdoor_jax.triggers import blend, filters, moire, patch, ssba, warp
-from backdoor_jax.triggers.base import cfg_get, cfg_keys
+from backdoor_jax.triggers.base import cfg_get, cfg_keys, check_image_hw, check_trigger, is_section
 
-PATCH_KINDS = patch.TRIGGER_KINDS
-TRIGGER_KINDS = PATCH_KINDS + ("blend", "wanet", "filter", "moire", "ssba")
-BLEND_REGIONS = ("full", "patch")
+# Fields every trigger config may hold, whatever its kind.
+COMMON_FIELDS = ("kind", "size", "position", "color", "margin", "seed")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
-# Every field :func:`trigger_from_config` understands; each kind reads its own and
-# ignores the others, so one config section can hold the settings of every kind.
-CONFIG_FIELDS = patch.CONFIG_FIELDS + (
-    "seed",                                   # blend noise / wanet grid / moire: -1 = from the run seed
-    "alpha", "blend_pattern", "blend_region",  # blend
-    "wanet_k", "wanet_s", "wanet_grid_rescale", "wanet_cross_ratio",  # wanet
-    "filter_name", "filter_strength",          # filter
-    "moire_opacity", "moire_spacing", "moire_angles", "moire_perspective",  # moire (+ color)
-    "ssba_path",                               # ssba: encoder .npz from launch/train_ssba.py
-)
+
+class TriggerArgs(NamedTuple):
+  """What a kind's builder receives (built on the host by :func:`trigger_from_config`).
+
+  Attributes:
+    kind: the registered name the config chose.
+    image_hw: ``(H, W)`` of the images, checked.
+    key: PRNG key for random patterns (see :func:`trigger_key`).
+    options: the kind's section, every field present (missing or ``None``/``""`` ->
+      the registered default); read-only.
+    size, position, color, margin: the common patch settings as the config gives them;
+      ``position``/``color`` are None when unset (the kind's default applies).
+  """
+  kind: str
+  image_hw: tuple[int, int]
+  key: chex.PRNGKey
+  options: Mapping[str, Any]
+  size: Any = 0.1
+  position: Any = None
+  color: Any = None
+  margin: Any = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggerKind:
+  """A registered kind: its builder, its section's fields with defaults, its poisoning hook."""
+  name: str
+  build: Callable[[TriggerArgs], Any]
+  defaults: Mapping[str, Any]
+  cross_ratio: Callable[[Mapping[str, Any]], float] | None = None
+
+
+_KINDS: dict[str, TriggerKind] = {}
+
+
+def register_trigger(name: str,
+                     *,
+                     defaults: Mapping[str, Any] | None = None,
+                     cross_ratio: Callable[[Mapping[str, Any]], float] | None = None,
+                     replace: bool = False) -> Callable[[Callable[[TriggerArgs], Any]], Callable[[TriggerArgs], Any]]:
+  """Decorator registering ``build(args: TriggerArgs) -> trigger`` as trigger kind ``name``.
+
+  Args:
+    name: the kind's name (lowercase, ``[a-z][a-z0-9_]*``); also its section's name.
+    defaults: the fields of the kind's section and their defaults; empty or None for a
+      kind without settings of its own (then it needs no section).
+    cross_ratio: the kind's poisoning hook, ``options -> ratio >= 0``: how many
+      cross-mode samples (``trigger.apply_cross``, labels kept) per poisoned sample.
+    replace: allow replacing a registered kind of the same name.
+  Returns:
+    The decorator; it returns ``build`` unchanged.
+  Raises:
+    ConfigError: for a bad or already registered name, or bad default field names.
+  """
+  if not isinstance(name, str) or not _NAME.fullmatch(name) or name in COMMON_FIELDS:
+    raise ConfigError(f"trigger kind name {name!r} is invalid; allowed: [a-z][a-z0-9_]*, not one of "
+                      f"{', '.join(COMMON_FIELDS)}")
+  defaults = dict(defaults or {})
+  bad = [f for f in defaults if not isinstance(f, str) or not _NAME.fullmatch(f)]
+  if bad:
+    raise ConfigError(f"trigger kind {name!r} has invalid field name(s) {bad}; allowed: [a-z][a-z0-9_]*")
+
+  def decorator(build: Callable[[TriggerArgs], Any]) -> Callable[[TriggerArgs], Any]:
+    if name in _KINDS and not replace and _KINDS[name].build is not build:
+      raise ConfigError(f"trigger kind {name!r} is already registered; pick another name or pass replace=True")
+    _KINDS[name] = TriggerKind(name, build, types.MappingProxyType(defaults), cross_ratio)
+    return build
+
+  return decorator
+
+
+def unregister_trigger(name: str) -> None:
+  """Removes a registered kind (for tests and notebooks); unknown names are ignored."""
+  _KINDS.pop(name, None)
+
+
+def trigger_kinds() -> tuple[str, ...]:
+  """Names of the registered kinds, in registration order."""
+  return tuple(_KINDS)
+
+
+def get_kind(name: Any) -> TriggerKind:
+  """The registered kind ``name`` (case-insensitive); ConfigError listing the registered ones."""
+  if isinstance(name, str):
+    name = name.strip().lower()
+  check_choice("trigger kind", name, trigger_kinds())
+  return _KINDS[name]
+
+
+def default_config(kind: str) -> config_dict.ConfigDict:
+  """The default section of ``kind`` (empty for kinds without settings), e.g. ``c.trigger.wanet = default_config('wanet')``."""
+  return config_dict.ConfigDict(dict(get_kind(kind).defaults))
+
+
+def ensure_section(cfg: Any, kind: str | None = None) -> Any:
+  """Adds the default section of ``kind`` (default: ``cfg.kind``) to ``cfg`` unless present; returns ``cfg``."""
+  spec = get_kind(cfg_get(cfg, "kind") if kind is None else kind)
+  if spec.defaults and cfg_get(cfg, spec.name) is None:
+    cfg[spec.name] = default_config(spec.name)
+  return cfg
 
 
 def trigger_key(cfg: Any, key: chex.PRNGKey | None) -> chex.PRNGKey:
@@ -40,86 +158,77 @@ def trigger_key(cfg: Any, key: chex.PRNGKey | None) -> chex.PRNGKey:
   return jax.random.key(0) if key is None else key
 
 
+def _moved_hint(field: str) -> str:
+  """Where a misplaced field lives, e.g. ``wanet_k`` -> ``trigger.wanet.k`` (old flat configs)."""
+  places = [f"trigger.{k.name}.{f}" for k in _KINDS.values() for f in k.defaults
+            if field in (f, f"{k.name}_{f}")]
+  return f" (did you mean {', '.join(places)}?)" if places else ""
+
+
+def resolve_config(cfg: Any) -> tuple[TriggerKind, Mapping[str, Any]]:
+  """Checks a trigger config; returns its kind and the kind's options (defaults filled in).
+
+  Raises:
+    ConfigError: unknown keys (in the config or the section), no or an unknown kind, or
+      a missing section for a kind that has settings.
+  """
+  allowed = COMMON_FIELDS + trigger_kinds()
+  unknown = [k for k in cfg_keys(cfg) if k not in allowed]
+  if unknown:
+    raise ConfigError(f"unknown trigger config field {unknown[0]!r}{_moved_hint(unknown[0])}; allowed: "
+                      f"{', '.join(COMMON_FIELDS)} and a section named after a kind ({', '.join(trigger_kinds())})")
+  kind = cfg_get(cfg, "kind")
+  if kind is None:
+    raise ConfigError(f"trigger config has no kind; allowed: {', '.join(trigger_kinds())}")
+  spec = get_kind(kind)
+  section = cfg_get(cfg, spec.name)
+  fields = ", ".join(f"{f}={v!r}" for f, v in spec.defaults.items())
+  if section is None:
+    if spec.defaults:
+      raise ConfigError(f"trigger kind {spec.name!r} needs the section trigger.{spec.name} ({fields}); add it with "
+                        f"c.trigger.{spec.name} = backdoor_jax.triggers.default_config({spec.name!r}) in the config")
+    section = {}
+  if not is_section(section):
+    raise ConfigError(f"trigger.{spec.name} is {section!r}; allowed: a section (ConfigDict or dict) with "
+                      f"{fields or 'no fields'}")
+  extra = [k for k in cfg_keys(section) if k not in spec.defaults]
+  if extra:
+    raise ConfigError(f"unknown field trigger.{spec.name}.{extra[0]}; allowed: {', '.join(spec.defaults) or 'none'}")
+  options = {f: cfg_get(section, f, d) for f, d in spec.defaults.items()}
+  return spec, types.MappingProxyType(options)
+
+
 def trigger_from_config(cfg: Any, image_hw: tuple[int, int], key: chex.PRNGKey | None = None) -> Any:
-  """Builds a trigger of any kind from a config (``ml_collections.ConfigDict``, dict, or object).
+  """Builds a trigger of any registered kind from a config (``ConfigDict``, dict, or object).
 
-  Fields (all optional except ``kind``; missing, ``None`` or ``""`` -> the builder's
-  default); any field not in :data:`CONFIG_FIELDS` is rejected to catch typos:
-
-  * patch kinds (square, stripe, dots, custom): ``size``, ``position``, ``color``,
-    ``margin``, ``pattern_path``, ``mask_path`` (see :mod:`~backdoor_jax.triggers.patch`);
-  * ``blend``: ``alpha`` (0.2), ``blend_pattern`` (``'noise'`` or an image/.npy path),
-    ``blend_region`` (``'full'``, or ``'patch'``: a square from size/position/margin);
-  * ``wanet``: ``wanet_k`` (4), ``wanet_s`` (0.5), ``wanet_grid_rescale`` (1);
-    ``wanet_cross_ratio`` is read by the poisoning code, not here;
-  * ``filter``: ``filter_name`` (``'nashville'``), ``filter_strength`` (1);
-  * ``moire``: ``moire_opacity`` (0.5), ``moire_spacing`` (2 px), ``moire_angles``
-    ((0, 5) degrees), ``moire_perspective`` (0.15), ``color`` (white lines);
-  * ``ssba``: ``ssba_path``, an encoder ``.npz`` written by ``launch/train_ssba.py``;
-  * ``seed``: see :func:`trigger_key`.
+  See the module docstring for the config's shape; the kinds' own fields are documented
+  with their builders (``trigger_kinds()`` lists them, ``default_config(kind)`` gives a
+  kind's defaults).
 
   Args:
     cfg: the trigger config.
     image_hw: ``(H, W)`` of the images the trigger is applied to.
-    key: PRNG key for random patterns (blend noise, WaNet grid, moire); see
-      :func:`trigger_key`.
+    key: PRNG key for random patterns (blend noise, WaNet grid, moire, noise patch);
+      see :func:`trigger_key`.
   Returns:
-    A trigger (:class:`~backdoor_jax.triggers.Trigger`, ``BlendTrigger``,
-    ``WarpTrigger``, ``FilterTrigger``, ``MoireTrigger`` or ``SSBATrigger``), usable with
-    :func:`~backdoor_jax.triggers.apply_trigger`.
+    A trigger, usable with :func:`~backdoor_jax.triggers.apply_trigger`.
   Raises:
-    ConfigError: for unknown fields or any invalid value.
+    ConfigError: for unknown fields, a missing section, or any invalid value.
   """
-  unknown = [k for k in cfg_keys(cfg) if k not in CONFIG_FIELDS]
-  if unknown:
-    raise ConfigError(f"unknown trigger config field(s) {', '.join(map(repr, unknown))}; "
-                      f"allowed: {', '.join(CONFIG_FIELDS)}")
-  kind = cfg_get(cfg, "kind")
-  if kind is None:
-    raise ConfigError(f"trigger config has no kind; allowed: {', '.join(TRIGGER_KINDS)}")
-  if isinstance(kind, str):
-    kind = kind.strip().lower()
-  check_choice("trigger kind", kind, TRIGGER_KINDS)
-  hw = patch._check_image_hw(image_hw)  # pylint: disable=protected-access
-  if kind in PATCH_KINDS:
-    return patch.patch_from_config(cfg, hw)
-  if kind == "ssba":
-    path = cfg_get(cfg, "ssba_path")
-    if path is None:
-      raise ConfigError("trigger kind 'ssba' needs ssba_path; allowed: an encoder .npz written by "
-                        "launch/train_ssba.py")
-    return ssba.load_ssba_trigger(path, hw)
-  if kind == "filter":
-    return filters.make_filter_trigger(cfg_get(cfg, "filter_name", "nashville"),
-                                       cfg_get(cfg, "filter_strength", 1.0))
-  k = trigger_key(cfg, key)
-  if kind == "blend":
-    region = cfg_get(cfg, "blend_region", "full")
-    check_choice("trigger blend_region", region, BLEND_REGIONS)
-    mask = None
-    if region == "patch":
-      mask = patch.make_patch_trigger(hw, kind="square", size=cfg_get(cfg, "size", 0.1),
-                                      position=cfg_get(cfg, "position"), margin=cfg_get(cfg, "margin", 0)).mask
-    return blend.make_blend_trigger(hw, alpha=cfg_get(cfg, "alpha", 0.2), pattern=cfg_get(cfg, "blend_pattern", "noise"),
-                                    key=k, mask=mask)
-  if kind == "wanet":
-    return warp.make_wanet_trigger(hw, k, k=cfg_get(cfg, "wanet_k", 4), s=cfg_get(cfg, "wanet_s", 0.5),
-                                   grid_rescale=cfg_get(cfg, "wanet_grid_rescale", 1.0))
-  return moire.make_moire_trigger(hw, k, opacity=cfg_get(cfg, "moire_opacity", 0.5),
-                                  spacing=cfg_get(cfg, "moire_spacing", 2.0),
-                                  angles=cfg_get(cfg, "moire_angles", (0.0, 5.0)),
-                                  perspective=cfg_get(cfg, "moire_perspective", 0.15),
-                                  color=cfg_get(cfg, "color", (255, 255, 255)))
+  spec, options = resolve_config(cfg)
+  args = TriggerArgs(kind=spec.name, image_hw=check_image_hw(image_hw), key=trigger_key(cfg, key), options=options,
+                     size=cfg_get(cfg, "size", 0.1), position=cfg_get(cfg, "position"), color=cfg_get(cfg, "color"),
+                     margin=cfg_get(cfg, "margin", 0))
+  trigger = spec.build(args)
+  check_trigger(trigger)
+  return trigger
 
 
 def cross_ratio_from_config(cfg: Any) -> float:
-  """WaNet's noise-mode ratio (cross samples per poisoned sample); 0 for the other kinds.
+  """The kind's cross-mode ratio (WaNet's noise mode: ``trigger.wanet.cross_ratio``); 0 for kinds without one.
 
   Raises:
-    ConfigError: for a negative or non-numeric ratio.
+    ConfigError: for an invalid config or ratio.
   """
-  kind = cfg_get(cfg, "kind")
-  if not (isinstance(kind, str) and kind.strip().lower() == "wanet"):
-    return 0.0
-  ratio = cfg_get(cfg, "wanet_cross_ratio", 2.0)
-  return warp._check_real(ratio, "wanet_cross_ratio", minimum=0.0, strict=False)  # pylint: disable=protected-access
+  spec, options = resolve_config(cfg)
+  return 0.0 if spec.cross_ratio is None else float(spec.cross_ratio(options))

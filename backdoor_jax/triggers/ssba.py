@@ -14,7 +14,7 @@ a decoder learns to read the bits back. Each poisoned image gets its *own* resid
   jit-able like every trigger): ``x' = clip(x + encoder(x, bits), 0, 255)``.
 
 Trained encoders are saved with :func:`save_encoder` (``.npz``) and loaded by
-``trigger_from_config`` (``kind='ssba'``, ``ssba_path``). Train one with
+``trigger_from_config`` (``kind='ssba'``, section ``trigger.ssba.path``). Train one with
 ``python launch/train_ssba.py``.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ import optax
 
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.triggers.base import TriggerBase
+from backdoor_jax.triggers.registry import TriggerArgs, register_trigger
 
 
 class StegaEncoder(nn.Module):
@@ -167,13 +168,13 @@ def load_ssba_trigger(path: Any, image_hw: tuple[int, int]) -> SSBATrigger:
   """
   path = os.fspath(path)
   if not path.endswith(".npz"):
-    raise ConfigError(f"trigger ssba_path {path!r} is not an .npz file; allowed: an encoder written by "
+    raise ConfigError(f"trigger ssba.path {path!r} is not an .npz file; allowed: an encoder written by "
                       "launch/train_ssba.py")
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
   except (OSError, ValueError) as e:
-    raise ConfigError(f"trigger ssba_path {path!r} could not be loaded: {e}") from None
+    raise ConfigError(f"trigger ssba.path {path!r} could not be loaded: {e}") from None
   hw = tuple(int(v) for v in arrays["image_hw"])
   if hw != tuple(image_hw):
     raise ConfigError(f"SSBA encoder {path!r} was trained for {hw[0]}x{hw[1]} images; the data is "
@@ -182,3 +183,12 @@ def load_ssba_trigger(path: Any, image_hw: tuple[int, int]) -> SSBATrigger:
       {k[len("params/"):]: jnp.asarray(v) for k, v in arrays.items() if k.startswith("params/")}, sep="/")
   return SSBATrigger(params=params, bits=jnp.asarray(arrays["bits"], jnp.float32),
                      max_residual=jnp.asarray(arrays["max_residual"], jnp.float32))
+
+
+@register_trigger("ssba", defaults={"path": ""})
+def build_ssba(args: TriggerArgs) -> SSBATrigger:
+  """ssba: ``trigger.ssba.path``, an encoder ``.npz`` written by ``launch/train_ssba.py``."""
+  if not args.options["path"]:
+    raise ConfigError("trigger kind 'ssba' needs trigger.ssba.path; allowed: an encoder .npz written by "
+                      "launch/train_ssba.py")
+  return load_ssba_trigger(args.options["path"], args.image_hw)

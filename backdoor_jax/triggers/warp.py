@@ -18,6 +18,10 @@ plus a per-image random offset ``uniform(-1, 1) / H`` (normalised units), clippe
 image, and keep their labels, so the model learns that only the exact warp is the
 trigger. The poisoning code draws the cross samples and their offsets once per run from
 the run's key (see :mod:`backdoor_jax.poison`), instead of anew every epoch.
+
+Config section ``trigger.wanet``: ``k`` (4), ``s`` (0.5), ``grid_rescale`` (1), and
+``cross_ratio`` (2): noise-mode samples per poisoned sample, read by the poisoning code
+through :func:`~backdoor_jax.triggers.cross_ratio_from_config`.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import numpy as np
 
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.triggers.base import TriggerBase, apply_trigger
+from backdoor_jax.triggers.registry import TriggerArgs, register_trigger
 
 BICUBIC_A = -0.75  # PyTorch's cubic convolution coefficient (OpenCV uses the same)
 
@@ -57,6 +62,14 @@ class WarpTrigger(TriggerBase):
   def mask(self) -> jax.Array:
     """WaNet has no region; raises ConfigError (for code written for patch triggers)."""
     return self.region_mask()
+
+  @property
+  def has_cross_mode(self) -> bool:
+    return True
+
+  def apply_cross(self, images: jax.Array, keys: jax.Array) -> jax.Array:
+    """Noise mode: :func:`apply_noise_warp` with per-image ``keys``."""
+    return apply_noise_warp(self, images, keys=keys)
 
   def _apply_float(self, x: jax.Array) -> jax.Array:
     if self.coords.ndim == 4:
@@ -144,9 +157,9 @@ def make_wanet_trigger(image_hw: tuple[int, int],
   """
   h, w = (int(v) for v in image_hw)
   if not isinstance(k, numbers.Integral) or isinstance(k, (bool, np.bool_)) or not 2 <= k <= min(h, w):
-    raise ConfigError(f"trigger wanet_k {k!r} is invalid for a {h}x{w} image; allowed: an int in [2, {min(h, w)}]")
-  s = _check_real(s, "wanet_s", minimum=0.0, strict=False)
-  grid_rescale = _check_real(grid_rescale, "wanet_grid_rescale", minimum=0.0, strict=True)
+    raise ConfigError(f"trigger wanet.k {k!r} is invalid for a {h}x{w} image; allowed: an int in [2, {min(h, w)}]")
+  s = _check_real(s, "wanet.s", minimum=0.0, strict=False)
+  grid_rescale = _check_real(grid_rescale, "wanet.grid_rescale", minimum=0.0, strict=True)
   ins = np.asarray(jax.random.uniform(key, (int(k), int(k), 2), minval=-1.0, maxval=1.0), np.float64)
   ins = ins / np.mean(np.abs(ins))
   noise = upsample_bicubic(ins, (h, w))  # channel 0: x (column) offset, channel 1: y (row) offset
@@ -199,3 +212,15 @@ def apply_noise_warp(trigger: WarpTrigger, images: jax.Array, key: chex.PRNGKey 
   if keys is None:
     keys = jax.random.split(key, images.shape[0])
   return apply_trigger(WarpTrigger(coords=noise_warp_coords(trigger, keys)), images)
+
+
+def _cross_ratio(options) -> float:
+  return _check_real(options["cross_ratio"], "wanet.cross_ratio", minimum=0.0, strict=False)
+
+
+@register_trigger("wanet", defaults={"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0},
+                  cross_ratio=_cross_ratio)
+def build_wanet(args: TriggerArgs) -> WarpTrigger:
+  """wanet: ``trigger.wanet.k``, ``s``, ``grid_rescale``, ``cross_ratio`` (module docstring)."""
+  o = args.options
+  return make_wanet_trigger(args.image_hw, args.key, k=o["k"], s=o["s"], grid_rescale=o["grid_rescale"])
