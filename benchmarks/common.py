@@ -1,16 +1,13 @@
-"""Helpers shared by the benchmark scripts (``gradcam_throughput.py``, ``explanation_step.py``,
-``train_throughput.py``, ``suite.py``).
+"""Helpers shared by the benchmark workloads and reports.
 
 Three groups:
 
 * measurement plumbing: timing with a per-step barrier, process memory (RSS), one
-  measurement per subprocess with a tagged JSON result line, the Markdown header
-  (device, versions, date, command, load average), FLOPs from XLA's cost analysis, and
-  importing a script without its absl flags;
-* a PyTorch ResNet (18/34 BasicBlock, 50/101/152 Bottleneck; CIFAR or ImageNet stem)
-  laid out like ``backdoor_jax.models.ResNet``, so Flax weights load into it one to one
-  (:func:`load_flax_weights`), with ``stem`` and ``layer1`` .. ``layer4`` as
-  submodules that forward hooks can watch;
+  measurement per subprocess (``python -m benchmarks.worker``) with a tagged JSON result
+  line, the Markdown header (device, versions, date, command, load average), FLOPs from
+  XLA's cost analysis;
+* JAX-side set-up shared by the workloads (a ResNet with random BatchNorm statistics,
+  synthetic data); the PyTorch twins of the models are ``backdoor_jax.models.torch_reference``;
 * a hook-based PyTorch Grad-CAM (:func:`torch_gradcam`) following the same conventions
   as ``backdoor_jax.explain.gradcam`` (per-sample target logit, ReLU of the
   gradient-weighted channel sum, bilinear resize with half-pixel centres, per-image
@@ -35,6 +32,8 @@ import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
+
+from backdoor_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAM_LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -143,6 +142,17 @@ def mib(n: float | None) -> str:
   return "-" if n is None else f"{n / 2**20:.0f} MiB"
 
 
+def write_csv(path: str, records: Sequence[dict[str, Any]]) -> None:
+  """Writes dicts with the same keys as CSV (header from the first; None as empty)."""
+  import csv
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    if records:
+      writer.writerow(list(records[0]))
+    for r in records:
+      writer.writerow(["" if v is None else v for v in r.values()])
+
+
 def emit_result(result: dict[str, Any]) -> None:
   """Prints a worker's result as the one tagged JSON line the driver looks for."""
   print(_RESULT_TAG + json.dumps(result), flush=True)
@@ -154,36 +164,24 @@ def first_line(text: str, limit: int = 160) -> str:
   return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-def worker_main(spec: str, job_cls: Any, run_jax: Callable[[Any], dict[str, Any]],
-                run_torch: Callable[[Any], dict[str, Any]]) -> None:
-  """Subprocess entry of every benchmark: runs one job and prints its tagged JSON result.
-
-  A failure becomes ``{'error': ...}``, which the driver shows as ``n/a (...)``.
-  """
-  job = job_cls(**json.loads(spec))
-  try:
-    result = run_jax(job) if job.framework == "jax" else run_torch(job)
-  except Exception as e:  # pylint: disable=broad-except  # reported as n/a in the table
-    result = {"error": f"{type(e).__name__}: {first_line(str(e))}"}
-  emit_result(result)
-
-
 def per_model(values: Sequence[str], models: Sequence[str], defaults: dict[str, int], name: str) -> list[int]:
   """One positive int per model from a flag list (empty: per-stem defaults; one value: for all).
 
   Raises:
-    app.UsageError: the list has the wrong length or a value below 1.
+    ConfigError: the list has the wrong length or a value that is not an int >= 1.
   """
-  from absl import app
   if not values:
     return [defaults["resnet50" if model_stem(m) == "imagenet" else "resnet18"] for m in models]
   if len(values) == 1:
     values = list(values) * len(models)
   if len(values) != len(models):
-    raise app.UsageError(f"--{name} needs one value or one per model ({len(models)}); got {list(values)}")
-  out = [int(v) for v in values]
+    raise ConfigError(f"--{name}={','.join(values)}: allowed: one value or one per model ({len(models)})")
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    out = [0]
   if min(out) < 1:
-    raise app.UsageError(f"--{name} values must be >= 1; got {list(values)}")
+    raise ConfigError(f"--{name}={','.join(values)}: allowed: integers >= 1")
   return out
 
 
@@ -192,56 +190,36 @@ def num_classes(model: str) -> int:
   return 10 if model_stem(model) == "cifar" else 1000
 
 
-def run_worker(script: str, job: Any, timeout: int = 0) -> dict[str, Any]:
-  """Runs ``script --worker=<job as JSON>`` in a fresh interpreter and returns its result.
+def module_name(path: str) -> str:
+  """``benchmarks/train_throughput.py`` (any absolute form) -> ``benchmarks.train_throughput``."""
+  rel = os.path.relpath(os.path.abspath(path), REPO)
+  return os.path.splitext(rel)[0].replace(os.sep, ".")
+
+
+def run_worker(script: str, job: Any, timeout: float = 0) -> dict[str, Any]:
+  """Runs ``python -m benchmarks.worker <module> <job as JSON>`` and returns its result.
+
+  The worker runs from the repository root, so ``benchmarks`` and ``backdoor_jax`` are
+  importable there as they are here.
 
   Args:
-    script: path of the benchmark script (it must handle ``--worker``).
+    script: path of the workload module (its ``__file__``), which defines ``Job``,
+      ``run_jax`` and ``run_torch``.
     job: a dataclass instance, serialised with ``dataclasses.asdict``.
     timeout: seconds before the worker is abandoned (0: none).
   Returns:
     The worker's result dict, or ``{'error': ...}`` if it failed or printed none.
   """
-  cmd = [sys.executable, os.path.abspath(script), "--worker=" + json.dumps(dataclasses.asdict(job))]
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  cmd = [sys.executable, "-m", "benchmarks.worker", module_name(script), json.dumps(dataclasses.asdict(job))]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout or None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout or None)
   except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout} s"}
+    return {"error": f"timed out after {timeout:.0f} s"}
   for line in reversed(proc.stdout.splitlines()):
     if line.startswith(_RESULT_TAG):
       return json.loads(line[len(_RESULT_TAG):])
   tail = [s for s in proc.stderr.splitlines() if s.strip()]
   return {"error": f"worker exited with code {proc.returncode}: {tail[-1].strip() if tail else ''}"[:300]}
-
-
-def import_script(name: str) -> Any:
-  """Imports the benchmark script ``benchmarks/<name>.py`` as a module, without its flags.
-
-  Each benchmark script defines its own absl flags at import time, and several of them
-  use the same names (``--batch``, ``--models``, ...), so two of them cannot be imported
-  into one process as they are. This imports one and removes the flags it added from
-  ``absl.flags.FLAGS``; its jobs and worker functions stay usable, its flag holders do
-  not (only its own ``main`` reads them, and that runs in the script's own process).
-
-  Args:
-    name: module name of a script in this folder, e.g. ``'gradcam_throughput'``.
-  Returns:
-    The module.
-  """
-  from absl import flags
-
-  if name in sys.modules:
-    return sys.modules[name]
-  here = os.path.dirname(os.path.abspath(__file__))
-  if here not in sys.path:
-    sys.path.insert(0, here)
-  before = set(flags.FLAGS)
-  module = importlib.import_module(name)
-  for flag_name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, flag_name)
-  return module
 
 
 def version(dist: str) -> str:
@@ -286,7 +264,7 @@ def header_lines(title: str, devices: dict[str, str], settings: str, load_start:
     Markdown lines.
   """
   now = datetime.datetime.now(datetime.timezone.utc)
-  command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+  command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   return [
       f"### {title}",
       "",
@@ -403,152 +381,30 @@ def synthetic_uint8(batch: int, size: int, num_classes: int, seed: int) -> tuple
   return images, labels
 
 
+def torch_twin(model: str, flat: dict[str, Any]) -> Any:
+  """The PyTorch twin of a benchmark ResNet, holding the weights a JAX worker saved.
+
+  Args:
+    model: zoo ResNet name (stem and classes as :func:`model_stem` / :func:`num_classes`).
+    flat: :func:`flatten_variables` output, e.g. read back with ``np.load``.
+  Returns:
+    ``backdoor_jax.models.torch_reference`` ResNet (training mode, on the CPU).
+  """
+  import flax
+
+  from backdoor_jax.models import torch_reference
+
+  net = torch_reference.build(model, num_classes(model), stem=model_stem(model))
+  variables = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  torch_reference.load_flax_variables(net, model, variables)
+  return net
+
+
 def normalize_np(images: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
   """uint8 NHWC -> float32 ``(x / 255 - mean) / std``, as ``data.pipeline.normalize``."""
   import numpy as np
   return ((images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
           / np.asarray(std, np.float32)).astype(np.float32)
-
-
-# ----------------------------------------------------------------- PyTorch model
-
-_RESNET_LAYOUT = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-                  50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
-                  152: ("bottleneck", (3, 8, 36, 3))}
-
-
-def build_torch_resnet(depth: int, num_classes: int, stem: str) -> Any:
-  """A ``torch.nn.Module`` ResNet with the layout of ``backdoor_jax.models.ResNet``.
-
-  Submodules ``stem`` (conv, BN, ReLU and, for the ImageNet stem, the 3x3/2 max-pool),
-  ``layer1`` .. ``layer4`` (``nn.Sequential`` of blocks named like the Flax blocks'
-  children: ``conv1``/``bn1``/... and ``downsample`` = (conv, BN)) and ``fc``. Their
-  outputs are the activations the Flax model exposes under the same names.
-
-  Args:
-    depth: 18, 34, 50, 101 or 152.
-    num_classes: logits.
-    stem: ``'cifar'`` (3x3/1 conv, no pool) or ``'imagenet'`` (7x7/2 conv + max-pool).
-  Returns:
-    The module (in training mode, as PyTorch creates it).
-  """
-  import torch
-  from torch import nn
-  import torch.nn.functional as F
-
-  kind, stages = _RESNET_LAYOUT[depth]
-  expansion = 4 if kind == "bottleneck" else 1
-
-  def conv(cin: int, cout: int, k: int, stride: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False)
-
-  class Block(nn.Module):
-    """BasicBlock or Bottleneck (stride on the 3x3 conv, torchvision v1.5)."""
-
-    def __init__(self, cin: int, planes: int, stride: int):
-      super().__init__()
-      cout = planes * expansion
-      if kind == "bottleneck":
-        self.conv1, self.bn1 = conv(cin, planes, 1, 1), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = conv(planes, planes, 3, stride), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = conv(planes, cout, 1, 1), nn.BatchNorm2d(cout)
-      else:
-        self.conv1, self.bn1 = conv(cin, planes, 3, stride), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = conv(planes, planes, 3, 1), nn.BatchNorm2d(planes)
-      self.downsample = (nn.Sequential(conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
-                         if stride != 1 or cin != cout else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-      y = F.relu(self.bn1(self.conv1(x)), inplace=True)
-      if kind == "bottleneck":
-        y = F.relu(self.bn2(self.conv2(y)), inplace=True)
-        y = self.bn3(self.conv3(y))
-      else:
-        y = self.bn2(self.conv2(y))
-      shortcut = x if self.downsample is None else self.downsample(x)
-      return F.relu(y + shortcut)  # not in place: this tensor may be a hooked activation
-
-  class ResNet(nn.Module):
-    """Stem, four stages, global average pool, linear head."""
-
-    def __init__(self):
-      super().__init__()
-      if stem == "imagenet":
-        self.stem = nn.Sequential(conv(3, 64, 7, 2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                  nn.MaxPool2d(3, 2, 1))
-      else:
-        self.stem = nn.Sequential(conv(3, 64, 3, 1), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
-      cin = 64
-      for s, n_blocks in enumerate(stages):
-        blocks = []
-        for b in range(n_blocks):
-          blocks.append(Block(cin, 64 * 2**s, 2 if (s > 0 and b == 0) else 1))
-          cin = 64 * 2**s * expansion
-        setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
-      self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-      x = self.stem(x)
-      for s in range(len(stages)):
-        x = getattr(self, f"layer{s + 1}")(x)
-      return self.fc(x.mean(dim=(2, 3)))
-
-  return ResNet()
-
-
-def load_flax_weights(net: Any, flat: dict[str, Any]) -> None:
-  """Copies Flax ResNet variables into :func:`build_torch_resnet`'s module, in place.
-
-  Conv kernels HWIO -> OIHW, Dense kernels (in, out) -> (out, in); BatchNorm
-  scale/bias -> weight/bias and mean/var -> running_mean/running_var. Every torch
-  parameter and buffer (``num_batches_tracked`` aside) must be written exactly once.
-
-  Args:
-    net: the torch module.
-    flat: ``flatten_variables`` output (keys ``params/...`` and ``batch_stats/...``).
-  Raises:
-    KeyError: a Flax variable has no torch counterpart, or a torch tensor was not written.
-  """
-  import numpy as np
-  import torch
-
-  targets = {**dict(net.named_parameters()), **dict(net.named_buffers())}
-  written = set()
-
-  def module_path(flax_path: list[str]) -> str:
-    head, rest = flax_path[0], flax_path[1:]
-    if head == "conv1":
-      return "stem.0"
-    if head == "bn1":
-      return "stem.1"
-    if head == "fc":
-      return "fc"
-    stage, block = head.split("_")  # layer{s}_{b}
-    child = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(rest[0], rest[0])
-    return f"{stage}.{block}.{child}"
-
-  for key, value in flat.items():
-    collection, *path = key.split("/")
-    leaf = path[-1]
-    module = module_path(path[:-1])
-    value = np.asarray(value)
-    if leaf == "kernel" and value.ndim == 4:
-      name, value = "weight", value.transpose(3, 2, 0, 1)
-    elif leaf == "kernel":
-      name, value = "weight", value.T
-    else:
-      name = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[leaf]
-    full = f"{module}.{name}"
-    if full not in targets:
-      raise KeyError(f"{collection}/{'/'.join(path)} -> {full}: no such torch tensor")
-    if tuple(targets[full].shape) != value.shape:
-      raise KeyError(f"{full}: torch shape {tuple(targets[full].shape)} != Flax {value.shape}")
-    with torch.no_grad():
-      targets[full].copy_(torch.from_numpy(np.ascontiguousarray(value)))
-    written.add(full)
-  missing = [k for k in targets if k not in written and not k.endswith("num_batches_tracked")]
-  if missing:
-    raise KeyError(f"torch tensors not written by the Flax weights: {missing[:5]}")
 
 
 # ----------------------------------------------------------------- PyTorch Grad-CAM
@@ -585,10 +441,10 @@ def torch_gradcam(net: Any, x: Any, targets: Any, layers: Sequence[str],
   and nothing below it.
 
   Args:
-    net: a module with the named submodules (BatchNorm mode is the caller's).
+    net: a ``torch_reference`` ResNet (BatchNorm mode is the caller's).
     x: (B, C, H, W) normalised input.
     targets: (B,) int64 class ids.
-    layers: submodule names, e.g. ``('layer4',)`` or ``CAM_LAYERS``.
+    layers: zoo layer names, e.g. ``('layer4',)`` or ``CAM_LAYERS``.
     create_graph: keep the graph of the gradients (to differentiate the maps again).
   Returns:
     (logits, {layer: (B, H, W) maps in [0, 1]}).
@@ -604,7 +460,9 @@ def torch_gradcam(net: Any, x: Any, targets: Any, layers: Sequence[str],
       acts[name] = output
     return hook
 
-  handles = [getattr(net, name).register_forward_hook(keep(name)) for name in layers]
+  from backdoor_jax.models.torch_reference import RESNET_LAYER_MODULES
+  handles = [net.get_submodule(RESNET_LAYER_MODULES[name]).register_forward_hook(keep(name))
+             for name in layers]
   try:
     logits = net(x)
   finally:

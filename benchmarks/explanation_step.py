@@ -1,74 +1,40 @@
-r"""Time and memory of the explanation-backdoor train step, JAX against PyTorch.
+r"""Workload: the second-order explanation-backdoor train step, JAX against PyTorch.
 
-The step (``backdoor_jax.train.explain_steps.make_explain_train_step``) is second
-order: its loss contains Grad-CAM maps, which are themselves gradients. Measured here
-in the targeted form with a keep-clean term:
+Flag-free (``python -m benchmarks suite --workloads=explain`` prints the table). The step
+(``backdoor_jax.train.explain_steps.make_explain_train_step``) is second order: its loss
+contains Grad-CAM maps, which are themselves gradients. Measured in the targeted form
+with a keep-clean term:
 
   loss = CE(f(x), y) + lambda * mean_{triggered} MSE(cam_f(x), mask)
          + mu * mean_{clean} MSE(cam_f(x), cam_ref(x))
 
 with the first half of the batch stamped with a yellow square trigger (labels kept),
-Grad-CAM of the true class at ``layer4`` (and, by default, also a run at ``layer3``),
-``mask`` a top-left square covering 1/16 of the image, ``cam_ref`` the maps of a
-frozen reference model (same initial weights), every term with BatchNorm in inference
-mode, and Adam. The PyTorch reference computes the same loss eagerly: forward hooks
-keep A, ``torch.autograd.grad(score, A, create_graph=True)`` gives the Grad-CAM
-weights as a differentiable graph, then ``loss.backward()`` and ``Adam.step()``.
+Grad-CAM of the true class at ``layer`` (``layer4`` in the suite by default), ``mask`` a
+top-left square covering 1/16 of the image, ``cam_ref`` the maps of a frozen reference
+model (same initial weights), every term with BatchNorm in inference mode, and Adam. The
+PyTorch reference computes the same loss eagerly on the twin from
+``backdoor_jax.models.torch_reference``: forward hooks keep A,
+``torch.autograd.grad(score, A, create_graph=True)`` gives the Grad-CAM weights as a
+differentiable graph, then ``loss.backward()`` and ``Adam.step()``.
 
-Defaults (GPU-sized): ResNet-18 (CIFAR stem) 32x32 batch 128 and ResNet-50 (ImageNet
-stem) 224x224 batch 32. On CPU shrink them, e.g.::
+Known-answer check (``Job.check``; ``suite --check``): the JAX worker saves its initial
+weights; the PyTorch worker starts from them, so the first step's loss and gradient norm
+must agree (:func:`check_line`; on a GPU both are computed with TF32 off for that).
 
-  python benchmarks/explanation_step.py --batch=32,4 --size=32,64 --steps=3 --warmup=1
-
-Known-answer check: the JAX worker saves its initial weights; the PyTorch worker
-starts from them, so the first step's loss and gradient norm must agree (reported in
-the header; on a GPU both are computed with TF32 off for that comparison).
-
-Methodology: one subprocess per framework, model and layer (so a CPU RSS figure
-belongs to that framework alone). ``--warmup`` untimed steps (compilation included),
-then 2 x ``--steps`` timed steps, each blocked on (``jax.block_until_ready`` on the new
-state and metrics; ``torch.cuda.synchronize()``); the median is reported. Memory is
-sampled after timed step N = ``--steps`` and after step 2N: if the step leaks (e.g. a
-graph kept alive between steps), the second figure is larger. On CPU that is the
-process RSS (peak = max RSS); on a GPU JAX's ``bytes_in_use`` / ``peak_bytes_in_use``
-and PyTorch's ``memory_allocated`` / ``max_memory_allocated``.
+Methodology: ``warmup`` untimed steps (compilation included), then 2 x ``steps`` timed
+steps, each blocked on. Memory is sampled after timed step N = ``steps`` and after 2N
+(and every ``sample_every`` steps for the soak): if the step leaks (e.g. a graph kept
+alive between steps), the later figures are larger. On CPU that is the process RSS; on a
+GPU JAX's ``bytes_in_use`` / ``peak_bytes_in_use`` and PyTorch's ``memory_allocated`` /
+``max_memory_allocated``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import sys
-import tempfile
-import time
 from typing import Any
 
-from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
-
-_DEFAULT_BATCH = {"resnet18": 128, "resnet50": 32}
-_DEFAULT_SIZE = {"resnet18": 32, "resnet50": 224}
-
-_MODELS = flags.DEFINE_list("models", ["resnet18", "resnet50"],
-                            "ResNets (resnet18/34: CIFAR stem, 10 classes; resnet50/101/152: "
-                            "ImageNet stem, 1000 classes).")
-_BATCH = flags.DEFINE_list("batch", [], "Batch per model (one value or one per model); empty: "
-                           "128 for resnet18, 32 for resnet50.")
-_SIZE = flags.DEFINE_list("size", [], "Input side per model (one value or one per model); "
-                          "empty: 32 (CIFAR stem) / 224 (ImageNet stem).")
-_LAYERS = flags.DEFINE_list("layers", ["layer4", "layer3"], "Grad-CAM layers, one run each.")
-_STEPS = flags.DEFINE_integer("steps", 10, "N: 2N steps are timed; memory is sampled at N and 2N.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation included), >= 1.")
-_LAM = flags.DEFINE_float("lam", 1.0, "lambda: weight of the map attack term (triggered half).")
-_MU = flags.DEFINE_float("mu", 1.0, "mu: weight of the keep-clean term (clean half).")
-_LR = flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the synthetic data.")
-_TORCH = flags.DEFINE_bool("torch", True, "Measure the PyTorch reference.")
-_ROW_TIMEOUT = flags.DEFINE_integer("row_timeout", 0, "Seconds before a worker is abandoned (0: none).")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: JSON job of one measurement subprocess.")
-
+from benchmarks import common
 
 @dataclasses.dataclass
 class Job:
@@ -222,9 +188,7 @@ def run_torch(job: Job) -> dict[str, Any]:
   flat = dict(np.load(_weights_path(job)))
 
   def make_net() -> Any:
-    net = common.build_torch_resnet(int(job.model[len("resnet"):]), common.num_classes(job.model), stem)
-    common.load_flax_weights(net, flat)
-    return net.to(device).eval()  # BatchNorm in inference mode in every term, as in the JAX step
+    return common.torch_twin(job.model, flat).to(device).eval()  # BatchNorm in inference mode in every term, as in the JAX step
 
   net, ref = make_net(), make_net().requires_grad_(False)
   opt = torch.optim.Adam(net.parameters(), lr=job.lr)
@@ -282,106 +246,13 @@ def run_torch(job: Job) -> dict[str, Any]:
   return result
 
 
-def format_rows(job: Job, jax_res: dict[str, Any], torch_res: dict[str, Any]) -> list[str]:
-  """Two table rows (JAX, PyTorch) for one model and layer."""
-  label = f"{job.model} ({job.size}x{job.size}, batch {job.batch})"
-  med = {f: common.median(r["step_s"]) for f, r in (("jax", jax_res), ("torch", torch_res)) if "step_s" in r}
-  peak = {f: r["memory"]["peak"] for f, r in (("jax", jax_res), ("torch", torch_res)) if "memory" in r}
-  out = []
-  for framework, name, res in (("jax", "JAX jit (this project)", jax_res),
-                               ("torch", "PyTorch eager, create_graph", torch_res)):
-    if "error" in res:
-      out.append(f"| {label} | {job.layer} | {name} | n/a ({res['error']}) | - | - | - | - | - |")
-      continue
-    m = res["memory"]
-    at_n, at_2n = m.get(f"at_{job.steps}"), m.get(f"at_{2 * job.steps}")
-    drift = f"{common.mib(at_n)} -> {common.mib(at_2n)} ({(at_2n - at_n) / 2**20:+.1f} MiB)"
-    if framework == "jax" and len(med) == 2:
-      t_ratio = f"{med['jax'] / med['torch']:.2f}"
-      m_ratio = f"{peak['jax'] / peak['torch']:.2f}" if peak.get("torch") else "n/a"
-    else:
-      t_ratio = m_ratio = "1.00" if framework == "torch" else "n/a"
-    out.append(f"| {label} | {job.layer} | {name} | {med[framework]:.3f} | {job.batch / med[framework]:.1f} | "
-               f"{common.mib(m['peak'])} | {drift} | {t_ratio} | {m_ratio} |")
-  return out
-
-
-def check_line(job: Job, jax_res: dict[str, Any], torch_res: dict[str, Any]) -> str:
+def check_line(model: str, layer: str, jax_res: dict[str, Any], torch_res: dict[str, Any]) -> str:
   """Header line comparing the first step's loss and gradient norm."""
   if "check" not in jax_res or "check" not in torch_res:
-    return f"- check {job.model} {job.layer}: n/a"
+    return f"- explanation-step check {model} {layer}: n/a"
   a, b = jax_res["check"], torch_res["check"]
   rel = {k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in ("loss", "grad_norm")}
-  return (f"- known-answer check {job.model} {job.layer} (same initial weights and batch, first step): "
+  return (f"- explanation-step known-answer check {model} {layer} (same initial weights and batch, first step): "
           f"loss JAX {a['loss']:.6f} vs PyTorch {b['loss']:.6f} (rel. diff {rel['loss']:.1e}); "
           f"gradient norm JAX {a['grad_norm']:.6f} vs PyTorch {b['grad_norm']:.6f} "
           f"(rel. diff {rel['grad_norm']:.1e})")
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKER.value:
-    common.worker_main(_WORKER.value, Job, run_jax, run_torch)
-    return
-  if _STEPS.value < 1 or _WARMUP.value < 1:
-    raise app.UsageError("--steps and --warmup must be >= 1")
-  models = list(_MODELS.value)
-  for m in models:
-    if not m.startswith("resnet") or m[len("resnet"):] not in ("18", "34", "50", "101", "152"):
-      raise app.UsageError(f"--models: {m!r} is not one of resnet18/34/50/101/152")
-  bad = [l for l in _LAYERS.value if l not in common.CAM_LAYERS]
-  if bad or not _LAYERS.value:
-    raise app.UsageError(f"--layers: {bad or 'empty'}; choose from {', '.join(common.CAM_LAYERS)}")
-  batches = common.per_model(_BATCH.value, models, _DEFAULT_BATCH, "batch")
-  if min(batches) < 2:
-    raise app.UsageError("--batch must be >= 2 (half triggered, half clean)")
-  sizes = common.per_model(_SIZE.value, models, _DEFAULT_SIZE, "size")
-
-  load_start = common.load_average()
-  start = time.perf_counter()
-  workdir = tempfile.mkdtemp(prefix="explain_bench_")
-  table = ["| model (input, batch) | Grad-CAM layer | implementation | s / step (median) | images/s | "
-           "peak memory | memory at step N -> 2N | time ratio JAX/torch | peak-memory ratio JAX/torch |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  checks, devices, kinds = [], {}, {}
-  try:
-    for model, batch, size in zip(models, batches, sizes):
-      for layer in _LAYERS.value:
-        job = Job("jax", model, layer, batch, size, _STEPS.value, _WARMUP.value, _LAM.value, _MU.value,
-                  _LR.value, _SEED.value, workdir)
-        print(f"measuring JAX {model} {layer} ...", file=sys.stderr, flush=True)
-        jax_res = common.run_worker(__file__, job, _ROW_TIMEOUT.value)
-        if not _TORCH.value:
-          torch_res = {"error": "skipped by --notorch"}
-        elif "error" in jax_res:
-          torch_res = {"error": "needs the JAX worker's weights"}
-        else:
-          print(f"measuring PyTorch {model} {layer} ...", file=sys.stderr, flush=True)
-          torch_res = common.run_worker(__file__, dataclasses.replace(job, framework="torch"),
-                                        _ROW_TIMEOUT.value)
-        for framework, res in (("jax", jax_res), ("torch", torch_res)):
-          if "device" in res:
-            devices[framework] = res["device"]
-            kinds[framework] = res["memory"]["kind"]
-        table += format_rows(job, jax_res, torch_res)
-        checks.append(check_line(job, jax_res, torch_res))
-  finally:
-    shutil.rmtree(workdir, ignore_errors=True)
-
-  settings = (", ".join(f"{m} {s}x{s} batch {b}" for m, s, b in zip(models, sizes, batches))
-              + f"; layers {', '.join(_LAYERS.value)}; lambda {_LAM.value:g}, mu {_MU.value:g}, Adam lr "
-              f"{_LR.value:g}; warm-up {_WARMUP.value} steps (excluded), 2 x {_STEPS.value} timed steps, "
-              "median; synthetic data, random weights")
-  lines = common.header_lines("Explanation-backdoor step: JAX jit vs PyTorch create_graph", devices, settings,
-                              load_start, time.perf_counter() - start)
-  lines += checks + [
-      f"- memory: JAX: {kinds.get('jax', 'n/a')}; PyTorch: {kinds.get('torch', 'n/a')}", "", *table, "",
-      "s / step: median over the 2N timed steps, each blocked on; images/s = batch / median. "
-      "Peak memory and the N -> 2N samples are per framework (own process). Ratios JAX/torch: "
-      "below 1 means JAX takes less time / less memory."]
-  print("\n".join(lines))
-
-
-if __name__ == "__main__":
-  app.run(main)

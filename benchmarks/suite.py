@@ -18,13 +18,16 @@ that reference. A row that cannot run shows ``n/a (reason)``.
 
 Usage::
 
-  python benchmarks/suite.py                                  # GPU-sized defaults
-  python benchmarks/suite.py --batch=16,2 --size=32,64 --steps=3 --warmup=1   # a CPU
-  python benchmarks/suite.py --soak_steps=10000 --soak_every=100 --soak_csv=soak.csv
+  python -m benchmarks suite                                  # GPU-sized defaults
+  python -m benchmarks suite --batch=16,2 --size=32,64 --steps=3 --warmup=1   # a CPU
+  python -m benchmarks suite --soak_steps=10000 --soak_every=100 --soak_csv=soak.csv
 
-Each row runs in its own subprocess: the worker functions (``run_jax``/``run_torch``)
-of ``train_throughput.py``, ``gradcam_throughput.py`` and ``explanation_step.py``,
-through those scripts' own ``--worker`` entry, so a row's peak memory is its own.
+Each row runs in its own subprocess (``python -m benchmarks.worker``): the worker
+functions (``run_jax``/``run_torch``) of the flag-free workload modules
+``train_throughput``, ``gradcam_throughput`` and ``explanation_step``, so a row's peak
+memory is its own. Rows are measured in priority order (``torch.compile`` rows last,
+then by the order of ``--workloads``) and printed in table order; ``--time_budget``
+leaves the rows it has no time for as ``n/a``.
 Data is synthetic: random uint8 images and labels drawn in the worker from ``--seed``
 (no files, no network), so the suite runs on machines without either.
 
@@ -42,6 +45,7 @@ steps and summarised in a second block; ``--soak_csv`` writes the samples.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import importlib.util
@@ -54,15 +58,8 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=wrong-import-position
-
-# The scripts whose workers the suite runs (their own flags are not kept: see import_script).
-train_throughput = common.import_script("train_throughput")
-gradcam_throughput = common.import_script("gradcam_throughput")
-explanation_step = common.import_script("explanation_step")
+from backdoor_jax.errors import ConfigError
+from benchmarks import common, explanation_step, gradcam_throughput, train_throughput
 
 WORKLOADS = {"train": "train step", "gradcam_layer4": "Grad-CAM layer4",
              "gradcam_all": "Grad-CAM all 5 layers", "explain": "explanation step"}
@@ -74,47 +71,51 @@ DEFAULT_SIZE = {"resnet18": 32, "resnet50": 224}
 EXPLAIN_LAM, EXPLAIN_MU, EXPLAIN_LR = 1.0, 1.0, 1e-3  # explanation_step.py's defaults
 FLAT_TOLERANCE = (16 * 2**20, 0.02)  # soak: last - first <= max(16 MiB, 2% of first)
 H100_TARGET = (2.0, 0.6)  # explanation step: >= 2x images/s at <= 0.6x peak memory
+CHECK_BATCH = 4  # images of the Grad-CAM known-answer check (--check)
 
-_WORKLOADS = flags.DEFINE_list("workloads", list(WORKLOADS),
-                               f"Workloads to measure, from {', '.join(WORKLOADS)} (empty with "
-                               "--soak_steps: the soak only).")
-_IMPLS = flags.DEFINE_list("impls", list(IMPLS), f"Implementations, from {', '.join(IMPLS)}.")
-_MODELS = flags.DEFINE_list("models", ["resnet18", "resnet50"],
-                            "ResNets (resnet18/34: CIFAR stem, 10 classes; resnet50/101/152: "
-                            "ImageNet stem, 1000 classes).")
-_BATCH = flags.DEFINE_list("batch", [], "Batch per model (one value for all, or one per --models "
-                           "entry); empty: 128 for CIFAR-stem models, 64 for ImageNet-stem ones.")
-_SIZE = flags.DEFINE_list("size", [], "Input side per model (one value or one per model); empty: "
-                          "32 for CIFAR-stem models, 224 for ImageNet-stem ones.")
-_EXPLAIN_LAYERS = flags.DEFINE_list("explain_layers", ["layer4"],
-                                    "Grad-CAM layers of the explanation step, one set of rows each.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per row (the explanation step times this "
-                              "number rounded up to even).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per row first (compilation and "
-                               "autotuning included), >= 1.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and of the synthetic data.")
-_SYNTHETIC = flags.DEFINE_bool("synthetic", True,
-                               "Synthetic data: random uint8 images and labels generated in each "
-                               "worker process from --seed; no files, no network (the only mode: "
-                               "the suite measures throughput, not accuracy).")
-_PEAK_TFLOPS = flags.DEFINE_list("peak_tflops", [],
-                                 "Device peak TFLOP/s for the % column, overriding the built-in "
-                                 "table: one number for every row, or two (float32 rows, bfloat16 "
-                                 "rows).")
-_ALL_DEVICES = flags.DEFINE_bool("all_devices", False,
-                                 "Let workers see every GPU. By default, where CUDA_VISIBLE_DEVICES is "
-                                 "unset, it is set to 0 so that every row uses one GPU.")
-_ROW_TIMEOUT = flags.DEFINE_integer("row_timeout", 0, "Seconds before a row is abandoned (0: none).")
-_SOAK_STEPS = flags.DEFINE_integer("soak_steps", 0,
-                                   "Memory-flatness run of the explanation step: this many steps "
-                                   "(rounded up to even); 0: none.")
-_SOAK_EVERY = flags.DEFINE_integer("soak_every", 100, "Soak: sample memory every this many steps.")
-_SOAK_MODEL = flags.DEFINE_string("soak_model", "", "Soak: model (default: the first of --models).")
-_SOAK_BATCH = flags.DEFINE_integer("soak_batch", 0, "Soak: batch (0: that model's --batch).")
-_SOAK_SIZE = flags.DEFINE_integer("soak_size", 0, "Soak: input side (0: that model's --size).")
-_SOAK_TORCH = flags.DEFINE_bool("soak_torch", False, "Soak the PyTorch create_graph reference too.")
-_SOAK_CSV = flags.DEFINE_string("soak_csv", "", "Soak: write the memory samples to this CSV file "
-                                "(columns implementation, step, bytes, measure).")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The suite's command-line options (``python -m benchmarks suite --help``)."""
+  a = parser.add_argument
+  a("--workloads", default=",".join(WORKLOADS),
+    help=f"Workloads to measure, from {', '.join(WORKLOADS)} (empty with --soak_steps: the soak only).")
+  a("--impls", default=",".join(IMPLS), help=f"Implementations, from {', '.join(IMPLS)}.")
+  a("--models", default="resnet18,resnet50", help="ResNets (resnet18/34: CIFAR stem, 10 classes; "
+    "resnet50/101/152: ImageNet stem, 1000 classes).")
+  a("--batch", default="", help="Batch per model (one value for all, or one per --models entry); empty: "
+    "128 for CIFAR-stem models, 64 for ImageNet-stem ones.")
+  a("--size", default="", help="Input side per model (one value or one per model); empty: 32 for "
+    "CIFAR-stem models, 224 for ImageNet-stem ones.")
+  a("--explain_layers", default="layer4", help="Grad-CAM layers of the explanation step, one set of rows each.")
+  a("--steps", type=int, default=20, help="Timed steps per row (the explanation step times this number "
+    "rounded up to even).")
+  a("--warmup", type=int, default=3, help="Untimed steps per row first (compilation and autotuning "
+    "included), >= 1.")
+  a("--seed", type=int, default=0, help="Seed of the weights and of the synthetic data.")
+  a("--check", action="store_true", help="Also run the known-answer checks (float64 Grad-CAM maps, the "
+    "explanation step's first loss and gradient norm); their extra passes count in the rows' memory.")
+  a("--peak_tflops", default="", help="Device peak TFLOP/s for the %% column, overriding the built-in "
+    "table: one number for every row, or two (float32 rows, bfloat16 rows).")
+  a("--all_devices", action="store_true", help="Let workers see every GPU. By default, where "
+    "CUDA_VISIBLE_DEVICES is unset, it is set to 0 so that every row uses one GPU.")
+  a("--row_timeout", type=float, default=0, help="Seconds before a row is abandoned (0: none).")
+  a("--time_budget", type=float, default=0, help="Seconds for all rows and the soak together; rows with "
+    "no time left are reported as n/a (0: no limit).")
+  a("--csv", default="", help="Also write the table to this CSV file (one line per row).")
+  a("--soak_steps", type=int, default=0, help="Memory-flatness run of the explanation step: this many "
+    "steps (rounded up to even); 0: none.")
+  a("--soak_every", type=int, default=100, help="Soak: sample memory every this many steps.")
+  a("--soak_model", default="", help="Soak: model (default: the first of --models).")
+  a("--soak_batch", type=int, default=0, help="Soak: batch (0: that model's --batch).")
+  a("--soak_size", type=int, default=0, help="Soak: input side (0: that model's --size).")
+  a("--soak_torch", action="store_true", help="Soak the PyTorch create_graph reference too.")
+  a("--soak_csv", default="", help="Soak: write the memory samples to this CSV file (columns "
+    "implementation, step, bytes, measure).")
+
+
+def _list(value: str) -> list[str]:
+  return [v.strip() for v in value.split(",") if v.strip()]
+
 
 # ---------------------------------------------------------------- device peaks
 
@@ -189,7 +190,7 @@ def parse_peak_override(values: Sequence[str]) -> tuple[float, float] | None:
   """``--peak_tflops`` as (float32 rows, bfloat16 rows), or ``None`` when empty.
 
   Raises:
-    app.UsageError: not one or two positive numbers.
+    ConfigError: not one or two positive numbers.
   """
   if not values:
     return None
@@ -198,8 +199,8 @@ def parse_peak_override(values: Sequence[str]) -> tuple[float, float] | None:
   except ValueError:
     numbers = []
   if len(numbers) not in (1, 2) or min(numbers) <= 0:
-    raise app.UsageError(f"--peak_tflops={','.join(values)}: give one positive number (all rows) "
-                         "or two (float32 rows, bfloat16 rows)")
+    raise ConfigError(f"--peak_tflops={','.join(values)}: allowed: one positive number (all rows) "
+                      "or two (float32 rows, bfloat16 rows)")
   return (numbers[0], numbers[-1])
 
 
@@ -255,7 +256,7 @@ def normalize(workload: str, raw: dict[str, Any]) -> dict[str, Any]:
   memory = raw.get("memory", {})
   return {"step_s": list(timing["step_s"]), "peak": memory.get("peak", memory.get("bytes")),
           "memory_kind": memory.get("kind", "n/a"), "device": raw.get("device", "n/a"),
-          "flops": timing.get("flops")}
+          "flops": timing.get("flops"), **({"check": raw["check"]} if "check" in raw else {})}
 
 
 def workload_flops(rows: Sequence[Row]) -> dict[tuple[str, str, str], float]:
@@ -432,16 +433,17 @@ def write_soak_csv(path: str, results: Sequence[tuple[str, dict[str, Any]]]) -> 
 
 
 def make_job(workload: str, layer: str, model: str, size: int, batch: int, impl: str, steps: int,
-             warmup: int, seed: int, workdir: str, sample_every: int = 0) -> tuple[str, Any]:
-  """(script path, job) of one row, for ``common.run_worker``.
+             warmup: int, seed: int, workdir: str, sample_every: int = 0, check: bool = False
+             ) -> tuple[str, Any]:
+  """(workload module path, job) of one row, for ``common.run_worker``.
 
-  The correctness checks of ``gradcam_throughput.py`` and ``explanation_step.py`` are
-  off here (their float64 / full-precision passes would count in the row's memory);
-  those scripts run them.
+  The known-answer checks are off unless ``check`` (their float64 / full-precision
+  passes would count in the row's memory).
   """
   framework = "jax" if impl.startswith("jax") else "torch"
   dtype = "bfloat16" if impl == "jax_bf16" else "float32"
   compiled = impl == "torch_compile"
+  check = check and dtype == "float32" and not compiled
   if workload == "train":
     return train_throughput.__file__, train_throughput.Job(
         label=IMPLS[impl], framework=framework, dtype=dtype, compile=compiled, model=model,
@@ -450,36 +452,29 @@ def make_job(workload: str, layer: str, model: str, size: int, batch: int, impl:
   if workload in ("gradcam_layer4", "gradcam_all"):
     return gradcam_throughput.__file__, gradcam_throughput.Job(
         framework=framework, model=model, batch=batch, size=size, steps=steps, warmup=warmup,
-        check_batch=1, seed=seed, workdir=workdir, dtype=dtype, compile=compiled,
-        methods=("layer4" if workload == "gradcam_layer4" else "all",), check=False)
+        check_batch=min(CHECK_BATCH, batch), seed=seed, workdir=workdir, dtype=dtype, compile=compiled,
+        methods=("layer4" if workload == "gradcam_layer4" else "all",), check=check)
   if workload == "explain":
     return explanation_step.__file__, explanation_step.Job(
         framework=framework, model=model, layer=layer, batch=batch, size=size,
         steps=max(1, math.ceil(steps / 2)), warmup=warmup, lam=EXPLAIN_LAM, mu=EXPLAIN_MU,
-        lr=EXPLAIN_LR, seed=seed, workdir=workdir, dtype=dtype, compile=compiled, check=False,
+        lr=EXPLAIN_LR, seed=seed, workdir=workdir, dtype=dtype, compile=compiled, check=check,
         sample_every=sample_every)
-  raise ValueError(f"unknown workload {workload!r}")
+  raise ConfigError(f"unknown workload {workload!r}; allowed: {', '.join(WORKLOADS)}")
 
 
 def _check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> list[str]:
-  """The flag's values in order without repeats; UsageError for an empty list or a bad value."""
+  """The flag's values in order without repeats; ConfigError for an empty list or a bad value."""
   bad = [v for v in values if v not in allowed]
   if bad or not values:
-    raise app.UsageError(f"--{name}={','.join(values)}: {'bad value ' + repr(bad[0]) if bad else 'empty'}; "
-                         f"allowed: {', '.join(allowed)}")
+    raise ConfigError(f"--{name}={','.join(values)}: {'bad value ' + repr(bad[0]) if bad else 'empty'}; "
+                      f"allowed: {', '.join(allowed)}")
   return list(dict.fromkeys(values))
-
-
-def _per_model(values: Sequence[str], models: Sequence[str], defaults: dict[str, int], name: str) -> list[int]:
-  try:
-    return common.per_model(values, models, defaults, name)
-  except ValueError:
-    raise app.UsageError(f"--{name}={','.join(values)}: values must be integers") from None
 
 
 @dataclasses.dataclass
 class Plan:
-  """What one run measures (the validated flags)."""
+  """What one run measures (the validated options)."""
   workloads: list[str]
   impls: list[str]
   models: list[str]
@@ -489,61 +484,84 @@ class Plan:
   steps: int
   warmup: int
   seed: int
-  row_timeout: int
+  row_timeout: float
   soak_steps: int
   soak_every: int
   soak_model: str
   soak_batch: int
   soak_size: int
   soak_torch: bool
+  check: bool = False
+  time_budget: float = 0.0
 
 
-def plan_from_flags() -> Plan:
-  """Checks the flags and returns the plan.
+def plan_from_args(args: argparse.Namespace) -> Plan:
+  """Checks the options and returns the plan.
 
   Raises:
-    app.UsageError: a flag value is not allowed (the message names it and what is).
+    ConfigError: a value is not allowed (the message names it and what is).
   """
-  if not _SYNTHETIC.value:
-    raise app.UsageError("--nosynthetic: only synthetic data is supported (the suite measures throughput)")
-  soak_steps = _SOAK_STEPS.value
-  workloads = ([] if not _WORKLOADS.value and soak_steps > 0  # a soak on its own
-               else _check_choices("workloads", _WORKLOADS.value, list(WORKLOADS)))
-  impls = _check_choices("impls", _IMPLS.value, list(IMPLS))
-  models = _check_choices("models", _MODELS.value, MODELS)
-  layers = _check_choices("explain_layers", _EXPLAIN_LAYERS.value, common.CAM_LAYERS)
-  if _STEPS.value < 1 or _WARMUP.value < 1:
-    raise app.UsageError(f"--steps={_STEPS.value} and --warmup={_WARMUP.value} must both be >= 1")
-  batches = _per_model(_BATCH.value, models, DEFAULT_BATCH, "batch")
-  sizes = _per_model(_SIZE.value, models, DEFAULT_SIZE, "size")
+  soak_steps = args.soak_steps
+  workloads = ([] if not _list(args.workloads) and soak_steps > 0  # a soak on its own
+               else _check_choices("workloads", _list(args.workloads), list(WORKLOADS)))
+  impls = _check_choices("impls", _list(args.impls), list(IMPLS))
+  models = _check_choices("models", _list(args.models), MODELS)
+  layers = _check_choices("explain_layers", _list(args.explain_layers), common.CAM_LAYERS)
+  if args.steps < 1 or args.warmup < 1:
+    raise ConfigError(f"--steps={args.steps} and --warmup={args.warmup}: allowed: both >= 1")
+  batches = common.per_model(_list(args.batch), models, DEFAULT_BATCH, "batch")
+  sizes = common.per_model(_list(args.size), models, DEFAULT_SIZE, "size")
   if "explain" in workloads and min(batches) < 2:
-    raise app.UsageError(f"--batch={','.join(_BATCH.value)}: the explanation step needs >= 2 "
-                         "(half triggered, half clean)")
-  soak_model = _SOAK_MODEL.value or models[0]
+    raise ConfigError(f"--batch={args.batch}: allowed: >= 2 for the explanation step (half triggered, "
+                      "half clean)")
+  soak_model = args.soak_model or models[0]
   if soak_steps < 0:
-    raise app.UsageError(f"--soak_steps={soak_steps} must be >= 0")
+    raise ConfigError(f"--soak_steps={soak_steps}: allowed: >= 0")
   if soak_steps and soak_model not in MODELS:
-    raise app.UsageError(f"--soak_model={soak_model}: allowed: {', '.join(MODELS)}")
-  if soak_steps and not 1 <= _SOAK_EVERY.value <= soak_steps:
-    raise app.UsageError(f"--soak_every={_SOAK_EVERY.value} must be between 1 and --soak_steps ({soak_steps})")
-  if _SOAK_BATCH.value == 1 or _SOAK_BATCH.value < 0:
-    raise app.UsageError(f"--soak_batch={_SOAK_BATCH.value}: 0 (the model's --batch) or >= 2")
-  if _SOAK_SIZE.value < 0:
-    raise app.UsageError(f"--soak_size={_SOAK_SIZE.value}: 0 (the model's --size) or >= 1")
+    raise ConfigError(f"--soak_model={soak_model}: allowed: {', '.join(MODELS)}")
+  if soak_steps and not 1 <= args.soak_every <= soak_steps:
+    raise ConfigError(f"--soak_every={args.soak_every}: allowed: between 1 and --soak_steps ({soak_steps})")
+  if args.soak_batch == 1 or args.soak_batch < 0:
+    raise ConfigError(f"--soak_batch={args.soak_batch}: allowed: 0 (the model's --batch) or >= 2")
+  if args.soak_size < 0:
+    raise ConfigError(f"--soak_size={args.soak_size}: allowed: 0 (the model's --size) or >= 1")
+  if args.row_timeout < 0 or args.time_budget < 0:
+    raise ConfigError(f"--row_timeout={args.row_timeout}, --time_budget={args.time_budget}: allowed: >= 0")
   i = models.index(soak_model) if soak_model in models else None
-  soak_batch = _SOAK_BATCH.value or (batches[i] if i is not None else
-                                     common.per_model([], [soak_model], DEFAULT_BATCH, "batch")[0])
-  soak_size = _SOAK_SIZE.value or (sizes[i] if i is not None else
-                                   common.per_model([], [soak_model], DEFAULT_SIZE, "size")[0])
+  soak_batch = args.soak_batch or (batches[i] if i is not None else
+                                   common.per_model([], [soak_model], DEFAULT_BATCH, "batch")[0])
+  soak_size = args.soak_size or (sizes[i] if i is not None else
+                                 common.per_model([], [soak_model], DEFAULT_SIZE, "size")[0])
   if soak_steps and soak_batch < 2:
-    raise app.UsageError(f"soak batch {soak_batch} (--batch of {soak_model}): the explanation step needs >= 2")
-  return Plan(workloads, impls, models, batches, sizes, layers, _STEPS.value, _WARMUP.value, _SEED.value,
-              _ROW_TIMEOUT.value, soak_steps, _SOAK_EVERY.value, soak_model, soak_batch, soak_size,
-              _SOAK_TORCH.value)
+    raise ConfigError(f"soak batch {soak_batch} (--batch of {soak_model}): allowed: >= 2 for the "
+                      "explanation step")
+  return Plan(workloads, impls, models, batches, sizes, layers, args.steps, args.warmup, args.seed,
+              args.row_timeout, soak_steps, args.soak_every, soak_model, soak_batch, soak_size,
+              args.soak_torch, args.check, args.time_budget)
 
 
-def _measure(script: str, job: Any, what: str, timeout: int) -> dict[str, Any]:
+class Clock:
+  """The time left of a run's ``--time_budget`` (0: unlimited) and each worker's timeout."""
+
+  def __init__(self, budget: float, row_timeout: float):
+    self.end = time.monotonic() + budget if budget else None
+    self.budget, self.row_timeout = budget, row_timeout
+
+  def timeout(self) -> float | None:
+    """Seconds the next worker may take (0: no limit), or None when the budget is spent."""
+    if self.end is None:
+      return self.row_timeout
+    left = self.end - time.monotonic()
+    if left < 1:
+      return None
+    return min(left, self.row_timeout) if self.row_timeout else left
+
+
+def _measure(script: str, job: Any, what: str, clock: Clock) -> dict[str, Any]:
   """Runs one worker, with a progress line on stderr."""
+  timeout = clock.timeout()
+  if timeout is None:
+    return {"error": f"not measured: the time budget of {clock.budget:g} s was spent"}
   t0 = time.perf_counter()
   print(f"measuring {what} ...", file=sys.stderr, flush=True)
   raw = common.run_worker(script, job, timeout)
@@ -552,32 +570,49 @@ def _measure(script: str, job: Any, what: str, timeout: int) -> dict[str, Any]:
   return raw
 
 
-def measure_rows(plan: Plan, workdir: str, have_torch: bool) -> list[Row]:
-  """Every row of the table, one worker each (rows not selected or not runnable: an error)."""
-  rows = []
-  for model, batch, size in zip(plan.models, plan.batches, plan.sizes):
-    for workload in plan.workloads:
-      for layer in (plan.layers if workload == "explain" else [""]):
-        jax_ok = False  # the PyTorch Grad-CAM / explanation workers load a JAX worker's weights
-        for impl in IMPLS:  # JAX first, for that reason
-          if impl not in plan.impls:
-            raw = {"error": "not measured: not in --impls"}
-          elif impl.startswith("torch") and not have_torch:
-            raw = {"error": "torch not installed"}
-          elif impl.startswith("torch") and workload != "train" and not jax_ok:
-            raw = {"error": "needs the weights a JAX row of this workload writes; no JAX row ran"}
-          else:
-            script, job = make_job(workload, layer, model, size, batch, impl, plan.steps, plan.warmup,
-                                   plan.seed, workdir)
-            raw = _measure(script, job, f"{workload} {layer} {model} {impl}".replace("  ", " "),
-                           plan.row_timeout)
-            jax_ok = jax_ok or (impl.startswith("jax") and "error" not in raw)
-          rows.append(Row(workload, layer, model, size, batch, impl, normalize(workload, raw)))
-  return rows
+def _row_specs(plan: Plan) -> list[tuple[str, str, int, str]]:
+  """(workload, layer, model index, impl) of every row, in table order."""
+  return [(workload, layer, m, impl) for m in range(len(plan.models)) for workload in plan.workloads
+          for layer in (plan.layers if workload == "explain" else [""]) for impl in IMPLS]
 
 
-def measure_soak(plan: Plan, workdir: str, have_torch: bool) -> list[tuple[str, dict[str, Any]]]:
+def measure_rows(plan: Plan, workdir: str, have_torch: bool, clock: Clock | None = None) -> list[Row]:
+  """Every row of the table, one worker each (rows not selected or not runnable: an error).
+
+  Measured in priority order (``torch.compile`` rows last, then by the order of
+  ``plan.workloads``, then model; JAX before PyTorch, whose Grad-CAM and explanation
+  workers load a JAX worker's weights) and returned in table order.
+  """
+  clock = clock or Clock(plan.time_budget, plan.row_timeout)
+  specs = _row_specs(plan)
+  impl_order = list(IMPLS)
+  order = sorted(range(len(specs)), key=lambda k: (specs[k][3] == "torch_compile", plan.workloads.index(specs[k][0]),
+                                                   specs[k][2], specs[k][1], impl_order.index(specs[k][3])))
+  jax_ok: set[tuple[str, str, int]] = set()
+  rows: dict[int, Row] = {}
+  for k in order:
+    workload, layer, m, impl = specs[k]
+    model, batch, size = plan.models[m], plan.batches[m], plan.sizes[m]
+    if impl not in plan.impls:
+      raw = {"error": "not measured: not in --impls"}
+    elif impl.startswith("torch") and not have_torch:
+      raw = {"error": "torch not installed"}
+    elif impl.startswith("torch") and workload != "train" and (workload, layer, m) not in jax_ok:
+      raw = {"error": "needs the weights a JAX row of this workload writes; no JAX row ran"}
+    else:
+      script, job = make_job(workload, layer, model, size, batch, impl, plan.steps, plan.warmup, plan.seed,
+                             workdir, check=plan.check)
+      raw = _measure(script, job, f"{workload} {layer} {model} {impl}".replace("  ", " "), clock)
+      if impl.startswith("jax") and "error" not in raw:
+        jax_ok.add((workload, layer, m))
+    rows[k] = Row(workload, layer, model, size, batch, impl, normalize(workload, raw))
+  return [rows[k] for k in range(len(specs))]
+
+
+def measure_soak(plan: Plan, workdir: str, have_torch: bool, clock: Clock | None = None
+                 ) -> list[tuple[str, dict[str, Any]]]:
   """The soak runs: (impl, raw worker result) for JAX float32 and, optionally, PyTorch eager."""
+  clock = clock or Clock(plan.time_budget, plan.row_timeout)
   soak: list[tuple[str, dict[str, Any]]] = []
   for impl in ["jax_f32"] + (["torch"] if plan.soak_torch else []):
     if impl == "torch" and not have_torch:
@@ -588,9 +623,36 @@ def measure_soak(plan: Plan, workdir: str, have_torch: bool) -> list[tuple[str, 
       script, job = make_job("explain", plan.layers[0], plan.soak_model, plan.soak_size, plan.soak_batch,
                              impl, plan.soak_steps, plan.warmup, plan.seed, workdir,
                              sample_every=plan.soak_every)
-      soak.append((impl, _measure(script, job, f"soak {impl} {plan.soak_model}, {2 * job.steps} steps",
-                                  plan.row_timeout)))
+      soak.append((impl, _measure(script, job, f"soak {impl} {plan.soak_model}, {2 * job.steps} steps", clock)))
   return soak
+
+
+def check_lines(plan: Plan, rows: Sequence[Row]) -> list[str]:
+  """The known-answer check lines of a ``--check`` run (Grad-CAM maps, explanation step)."""
+  out = []
+  by = {(r.workload, r.layer, r.model, r.impl): r.result for r in rows}
+  for workload, layer, m, impl in _row_specs(plan):
+    if impl != "torch":
+      continue
+    model, torch_res = plan.models[m], by[(workload, layer, plan.models[m], "torch")]
+    if workload.startswith("gradcam"):
+      out.append(gradcam_throughput.check_line(model, min(CHECK_BATCH, plan.batches[m]), torch_res)
+                 + f" ({WORKLOADS[workload]} rows)")
+    elif workload == "explain":
+      out.append(explanation_step.check_line(model, layer, by[(workload, layer, model, "jax_f32")], torch_res))
+  return out
+
+
+def write_rows_csv(path: str, rows: Sequence[Row], peak_override: tuple[float, float] | None = None) -> None:
+  """Writes the table as CSV: one line per row, numbers unformatted, ``error`` for n/a rows."""
+  keys = ("ms", "ips", "speedup", "peak", "mem_ratio", "gflop", "tflops", "device_peak", "pct")
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["workload", "layer", "model", "size", "batch", "implementation", *keys, "error"])
+    for row, m in zip(rows, row_metrics(rows, peak_override)):
+      values = ["" if m.get(k) is None else m[k] for k in keys]
+      writer.writerow([row.workload, row.layer, row.model, row.size, row.batch, row.impl, *values,
+                       m.get("error", "")])
 
 
 def report_lines(plan: Plan, rows: Sequence[Row], soak: Sequence[tuple[str, dict[str, Any]]],
@@ -656,25 +718,29 @@ def report_lines(plan: Plan, rows: Sequence[Row], soak: Sequence[tuple[str, dict
   return lines
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  plan = plan_from_flags()
-  peak_override = parse_peak_override(_PEAK_TFLOPS.value)
-  if not _ALL_DEVICES.value and "CUDA_VISIBLE_DEVICES" not in os.environ:
+def run(args: argparse.Namespace) -> int:
+  """``python -m benchmarks suite``: measures, then prints the report (and writes the CSVs)."""
+  plan = plan_from_args(args)
+  peak_override = parse_peak_override(_list(args.peak_tflops))
+  if not args.all_devices and "CUDA_VISIBLE_DEVICES" not in os.environ:
     os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # inherited by the workers: one GPU per row
   have_torch = importlib.util.find_spec("torch") is not None
   load_start = common.load_average()
   start = time.perf_counter()
+  clock = Clock(plan.time_budget, plan.row_timeout)
   workdir = tempfile.mkdtemp(prefix="suite_bench_")
   try:
-    rows = measure_rows(plan, workdir, have_torch)
-    soak = measure_soak(plan, workdir, have_torch) if plan.soak_steps else []
+    rows = measure_rows(plan, workdir, have_torch, clock)
+    soak = measure_soak(plan, workdir, have_torch, clock) if plan.soak_steps else []
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
-  lines = report_lines(plan, rows, soak, peak_override, load_start, time.perf_counter() - start,
-                       _SOAK_CSV.value)
+  lines = report_lines(plan, rows, soak, peak_override, load_start, time.perf_counter() - start, args.soak_csv)
+  if plan.check:
+    lines[1:1] = ["", *check_lines(plan, rows)]
+  if args.csv:
+    write_rows_csv(args.csv, rows, peak_override)
   print("\n".join(lines).rstrip())
+  return 0
 
 
 ENV_VARS = ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
@@ -707,6 +773,3 @@ def peak_description(devices: dict[str, str], peak_override: tuple[float, float]
     parts.append(text)
   return "; ".join(parts) or "n/a"
 
-
-if __name__ == "__main__":
-  app.run(main)

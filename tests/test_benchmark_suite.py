@@ -11,18 +11,15 @@ import jax.numpy as jnp
 import pytest
 from absl import flags
 
+from backdoor_jax.errors import ConfigError
+from benchmarks import common, suite
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-
-import common  # noqa: E402  (benchmarks/common.py)
-
-suite = common.import_script("suite")
-SCRIPT = os.path.join(REPO, "benchmarks", "suite.py")
 MIB = 2**20
 
 
-def test_import_script_leaves_no_flags_behind():
-  # The suite and the three scripts it imports define --batch, --models, ... ; none stays.
+def test_workload_modules_define_no_flags():
+  # The suite and the three workload modules it imports define no absl flags at all.
   for name in ("soak_steps", "impls", "workloads", "bf16_steps", "check_batch", "lam"):
     assert name not in flags.FLAGS
   assert suite.train_throughput.Job and suite.gradcam_throughput.run_jax and suite.explanation_step.run_torch
@@ -193,13 +190,13 @@ def test_parse_peak_override():
   assert suite.parse_peak_override(["10"]) == (10.0, 10.0)
   assert suite.parse_peak_override(["10", "20"]) == (10.0, 20.0)
   for bad in (["a"], ["1", "2", "3"], ["-1"]):
-    with pytest.raises(suite.app.UsageError):
+    with pytest.raises(ConfigError):
       suite.parse_peak_override(bad)
 
 
 def _run(*args, timeout=120):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
-                        cwd=REPO)
+  return subprocess.run([sys.executable, "-m", "benchmarks", "suite", *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO)
 
 
 def test_bad_flag_is_a_one_line_usage_error():

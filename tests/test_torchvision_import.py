@@ -1,7 +1,7 @@
 """torchvision weight import: mapping tables, logits agreement with torch, bad files.
 
 The agreement tests build random torch twins of torchvision's classifiers
-(tests/torch_reference_models.py, no download), save their state_dict, import it and
+(backdoor_jax/models/torch_reference.py, no download), save their state_dict, import it and
 compare logits on one random input. "max relative difference" here is
 max |jax - torch| / max |torch| over the logits. They need torch (skipped with a reason
 without it); .ci/run installs it. The slowest cases can be skipped locally with
@@ -50,7 +50,7 @@ def _abstract(arch: str, num_classes: int = 1000, **options):
 
 
 def _torch_model(arch: str, num_classes: int = 1000, **options):
-  from tests import torch_reference_models as trm  # pylint: disable=g-import-not-at-top
+  from backdoor_jax.models import torch_reference as trm  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   model = trm.build(arch, num_classes, **options)
   trm.randomize_batch_norm(model)

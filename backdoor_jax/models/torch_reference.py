@@ -1,15 +1,23 @@
-"""Compact torch.nn versions of torchvision's classifiers, for weight-import tests.
+"""PyTorch twins of the zoo's classifiers: one reference module for tests and benchmarks.
 
-torchvision does not import beside the pinned torch (see NOTES.md), so the tests build
-these instead. Each has torchvision's module tree, hence identical ``state_dict`` keys
-and shapes, and the same forward computation in eval mode. Written from the published
-architectures; nothing is downloaded.
+Each class has torchvision's module tree, hence identical ``state_dict`` keys and
+shapes, and the same forward computation in eval mode (``tests/test_torchvision_import.py``
+imports their weights into the Flax zoo). The ResNet also has the zoo's CIFAR stem
+(3x3/1 conv, no max-pool), and :func:`load_flax_variables` copies Flax variables into a
+twin (the inverse of ``torchvision_import``'s table), so the benchmarks compare the two
+frameworks on the same weights. Written from the published architectures; nothing is
+downloaded. Needs torch, which the library itself never imports: only callers that
+compare with PyTorch import this module.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from backdoor_jax.errors import ConfigError
 
 VGG_CFGS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -58,12 +66,18 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-  def __init__(self, depth: int, num_classes: int = 1000):
+  """torchvision's ResNet (v1.5); ``stem='cifar'``: a 3x3/1 first conv and no max-pool.
+
+  ``maxpool`` (an identity for the CIFAR stem) outputs what the zoo exposes as ``stem``.
+  """
+
+  def __init__(self, depth: int, num_classes: int = 1000, stem: str = "imagenet"):
     super().__init__()
     bottleneck, stages = RESNET_CFGS[depth]
-    self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    cifar = stem == "cifar"
+    self.conv1 = nn.Conv2d(3, 64, 3 if cifar else 7, 1 if cifar else 2, 1 if cifar else 3, bias=False)
     self.bn1 = nn.BatchNorm2d(64)
-    self.maxpool = nn.MaxPool2d(3, 2, 1)
+    self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
     cin = 64
     for s, n in enumerate(stages):
       blocks = []
@@ -261,10 +275,13 @@ class DenseNet(nn.Module):
 
 # --- registry -------------------------------------------------------------------------------
 
-def build(arch: str, num_classes: int = 1000, **kwargs) -> nn.Module:
-  """The torch twin of zoo model ``arch`` (imagenet stem)."""
+def build(arch: str, num_classes: int = 1000, stem: str = "imagenet", **kwargs) -> nn.Module:
+  """The torch twin of zoo model ``arch`` (``stem='cifar'``: ResNets only)."""
   if arch.startswith("resnet"):
-    return ResNet(int(arch[6:]), num_classes)
+    return ResNet(int(arch[6:]), num_classes, stem)
+  if stem != "imagenet":
+    raise ConfigError(f"stem={stem!r} for {arch}: the torch twins have the cifar stem for ResNets only; "
+                      "allowed: imagenet")
   if arch.startswith("vgg"):
     return VGG(int(arch[3:5]), arch.endswith("_bn"), num_classes)
   if arch == "alexnet":
@@ -273,7 +290,7 @@ def build(arch: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     return GoogLeNet(num_classes, **kwargs)
   if arch.startswith("densenet"):
     return DenseNet(int(arch[8:]), num_classes)
-  raise ValueError(f"no torch reference for {arch!r}")
+  raise ConfigError(f"no torch reference for {arch!r}; allowed: resnet*, vgg*, alexnet, googlenet, densenet*")
 
 
 def randomize_batch_norm(model: nn.Module, seed: int = 0) -> None:
@@ -288,3 +305,49 @@ def randomize_batch_norm(model: nn.Module, seed: int = 0) -> None:
         m.bias.copy_(0.2 * torch.randn(n, generator=g))
         m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
         m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+# Zoo layer name -> the twin's submodule whose output it is (ResNets).
+RESNET_LAYER_MODULES = {"stem": "maxpool", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3",
+                        "layer4": "layer4"}
+
+
+def load_flax_variables(net: nn.Module, arch: str, variables: Any) -> None:
+  """Copies Flax zoo variables of ``arch`` into its twin ``net``, in place.
+
+  The inverse of ``torchvision_import``'s table: conv kernels HWIO -> OIHW, dense
+  kernels (in, out) -> (out, in), BatchNorm scale/bias/mean/var -> weight/bias/
+  running_mean/running_var. Every tensor of ``net`` (``num_batches_tracked`` aside)
+  must be written, with the shape the table expects.
+
+  Args:
+    net: the module from :func:`build` (either stem).
+    arch: zoo name, one of ``torchvision_import.ARCHS``.
+    variables: ``{'params': ..., 'batch_stats': ...}`` (nested dicts of arrays).
+  Raises:
+    ConfigError: ``net`` and the variables do not match.
+  """
+  import flax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from backdoor_jax.models import torchvision_import  # pylint: disable=g-import-not-at-top
+
+  flat = flax.traverse_util.flatten_dict(variables)
+  state = net.state_dict()
+  written = set()
+  for key, (path, kind, shape) in torchvision_import.expected_keys(arch, variables).items():
+    if not path:
+      continue
+    value = np.asarray(flat[path], np.float32)
+    if path[-1] == "kernel":
+      value = value.transpose(3, 2, 0, 1) if kind == "conv" else value.T
+    if key not in state or tuple(state[key].shape) != shape or value.shape != shape:
+      raise ConfigError(f"{key}: the torch twin has {tuple(state[key].shape) if key in state else 'no such tensor'}, "
+                        f"the Flax variables give {value.shape}; allowed: the same architecture and stem")
+    with torch.no_grad():
+      state[key].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    written.add(key)
+  missing = [k for k in state if k not in written and not k.endswith("num_batches_tracked")]
+  if missing:
+    raise ConfigError(f"torch tensors not written by the Flax variables: {missing[:5]}; allowed: the same "
+                      "architecture")
