@@ -114,7 +114,7 @@ TRAIN_RULES: tuple[Rule, ...] = _COMMON_RULES + (
     Rule("poison.adv_eps", _at_least(0), "a number >= 0 (0 = off)"),
     Rule("poison.adv_steps", _at_least(0, integer=True), "an integer >= 0"),
     Rule("poison.apply_at_size", _at_least(0, integer=True), "an integer >= 0 (0 = off)"),
-    Rule("explain.*_weight", _at_least(0), "a number >= 0"),
+    Rule("explain.*_weight", _optional(_at_least(0)), "a number >= 0 (or None: derived)"),
     Rule("explain.joint_weights.*", _at_least(0), "a number >= 0"),
     Rule("explain.triggered_fraction", _within(0, 1), _FRACTION),
     Rule("explain.target_fraction", _within(0, 1, open_low=True), "a number in (0, 1]"),
