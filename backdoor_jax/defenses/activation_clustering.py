@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from backdoor_jax.defenses import common
+from backdoor_jax.defenses import common, registry
 from backdoor_jax.errors import ConfigError, check_choice
 
 REDUCTIONS = ("ica", "pca")
@@ -106,3 +106,12 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
     plots.clusters(f"{out_dir}/clusters.png", z2, truth[idx], r["cluster"] == r["small_cluster"], show,
                    ctx.run.class_names)
   return rec
+
+
+def summary(rec: dict[str, Any]) -> dict[str, Any]:
+  """Summary-row part: detection rates and the flagged classes."""
+  return {"detection_rate": rec["detection_rate"], "false_positive_rate": rec["false_positive_rate"],
+          "verdict": f"flags classes {rec['flagged_classes']}", "after": rec.get("after_retraining")}
+
+
+registry.register(registry.Defense("activation_clustering", run, summary))

@@ -31,7 +31,7 @@ from backdoor_jax.data import pipeline
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.explain import metrics as map_metrics
 from backdoor_jax.explain import saliency
-from backdoor_jax.explain.methods import forward_layers
+from backdoor_jax.explain import layers as layers_lib
 from backdoor_jax.models.common import INTERMEDIATES, PERTURBATIONS
 from backdoor_jax.train import loop, optim, restore, state as state_lib, steps
 
@@ -158,7 +158,8 @@ def _explanation_attack(run: restore.TrainedRun) -> ExplanationAttack | None:
   res_path = os.path.join(run.workdir, "results.json")
   layer = io.read_json(res_path).get("layer") if os.path.exists(res_path) else None
   if not layer:
-    layer, _ = explain_loop.choose_layer(run.model.apply, run.variables, run.image_shape, e.layer)
+    info = layers_lib.layer_info_for_shape(run.model.apply, run.variables, run.image_shape)
+    layer = layers_lib.choose_layer(info, e.layer, what="explain.layer")
   methods = list(e.joint_weights.keys()) if e.get("joint_weights") else [e.method]
   if e.criterion != "iou":
     raise ConfigError(f"explanation run {run.workdir} uses explain.criterion={e.criterion!r}; the defenses "
@@ -185,8 +186,7 @@ def load_context(workdir: str, config: config_dict.ConfigDict) -> DefenseContext
     raise ConfigError(f"batch_size={config.batch_size} is invalid; allowed: an int >= 1")
   seed = int(run.config.seed) if int(config.seed) < 0 else int(config.seed)
   val = validation_split(len(exp.train_labels), fraction=config.val_fraction, size=config.val_size, seed=seed)
-  dummy = jnp.zeros((1,) + tuple(run.image_shape), jnp.float32)
-  info = forward_layers(run.model.apply, run.variables, dummy)
+  info = layers_lib.layer_info_for_shape(run.model.apply, run.variables, run.image_shape)
   expl = _explanation_attack(run)
   pick = _seeded_subset(len(exp.dataset.test_labels), int(config.max_test), seed)
   test_x, test_y = exp.dataset.test_images[pick], exp.dataset.test_labels[pick]
@@ -212,22 +212,21 @@ def apply_trigger_chunked(trigger: Any, images: np.ndarray, chunk: int = 512) ->
   return out
 
 
+def layer_info(ctx: DefenseContext) -> layers_lib.LayerInfo:
+  """The defended model's exposed layers (forward order) as the explanation code's ``LayerInfo``."""
+  return layers_lib.LayerInfo(tuple(ctx.layers), dict(ctx.shapes), int(ctx.run.num_classes))
+
+
 def spatial_layer(ctx: DefenseContext, requested: str, what: str) -> str:
-  """``requested`` or the deepest exposed (B, h, w, K) layer.
+  """``requested`` or the deepest exposed (B, h, w, K) layer, of any size.
+
+  The explanation code's default-layer rule (``layers.default_layer``) with
+  ``min_size=1``: pruning and feature statistics need no spatial resolution.
 
   Raises:
     ConfigError: the model exposes no spatial layer, or ``requested`` is not one.
   """
-  spatial = [n for n in ctx.layers if len(ctx.shapes[n]) == 4]
-  if not spatial:
-    raise ConfigError(f"{what} needs a spatial (B, h, w, K) layer; model {ctx.run.config.model.name!r} exposes "
-                      f"none (layers: {', '.join(ctx.layers)})")
-  if requested:
-    if requested not in spatial:
-      raise ConfigError(f"{what} layer {requested!r} is not a spatial layer of {ctx.run.config.model.name!r}; "
-                        f"allowed: {', '.join(spatial)}")
-    return requested
-  return spatial[-1]
+  return layers_lib.choose_layer(layer_info(ctx), requested, min_size=1, what=what)
 
 
 def feature_layer(ctx: DefenseContext, requested: str, what: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from backdoor_jax.defenses import common
+from backdoor_jax.defenses import common, registry
 from backdoor_jax.errors import ConfigError
 
 
@@ -64,3 +64,12 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
   plots.curves(f"{out_dir}/curves.png", "fraction", curve, chosen["fraction"], "pruned fraction of channels",
                f"Fine-pruning at {layer}")
   return rec
+
+
+def summary(rec: dict[str, Any]) -> dict[str, Any]:
+  """Summary-row part: the chosen pruned fraction, and the fine-tuned model."""
+  return {"verdict": f"prunes {rec['chosen_fraction']:.2f} of {rec['channels']} channels at {rec['layer']}",
+          "after": rec["after_finetuning"]}
+
+
+registry.register(registry.Defense("fine_pruning", run, summary))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from backdoor_jax.defenses import common
+from backdoor_jax.defenses import common, registry
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import steps
 
@@ -207,3 +207,15 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
   plots.neural_cleanse(f"{out_dir}/anomaly_index.png", f"{out_dir}/reversed_triggers.png", idx, rev, flagged,
                        float(cfg.anomaly_threshold), ctx.target, ctx.run.class_names)
   return rec
+
+
+def summary(rec: dict[str, Any]) -> dict[str, Any]:
+  """Summary-row part: which classes are flagged and whether the true target is named."""
+  idx = f"max index {rec['max_anomaly_index']:.2f} at class {rec['most_anomalous_class']}"
+  verdict = f"flags {rec['flagged_classes']} ({idx})" if rec["flagged_classes"] else f"no class flagged ({idx})"
+  if rec["true_target"] is not None:
+    verdict += f"; true target {rec['true_target']}: {'named' if rec['names_true_target'] else 'missed'}"
+  return {"verdict": verdict, "after": rec.get("after_unlearning")}
+
+
+registry.register(registry.Defense("neural_cleanse", run, summary))

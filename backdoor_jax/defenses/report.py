@@ -8,7 +8,7 @@ defense on one loaded context and adds ``WORKDIR/defenses/summary.json`` and
 """
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import os
 import time
@@ -19,22 +19,14 @@ from absl import logging
 from ml_collections import config_dict
 
 from backdoor_jax import io
-from backdoor_jax.defenses import common
-from backdoor_jax.defenses.registry import DEFENSES, NAMES
+from backdoor_jax.configs import defenses as defenses_config
+from backdoor_jax.defenses import common, registry
 from backdoor_jax.errors import ConfigError, check_choice
-
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "configs", "defenses.py")
 
 
 def default_config() -> config_dict.ConfigDict:
-  """The defaults of ``configs/defenses.py``."""
-  if not os.path.exists(CONFIG_FILE):
-    raise ConfigError(f"{CONFIG_FILE} not found; pass a config to defend_run")
-  spec = importlib.util.spec_from_file_location("defenses_config", CONFIG_FILE)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  """The default settings of every built-in defense (``backdoor_jax/configs/defenses.py``, shipped in the package)."""
+  return defenses_config.get_config()
 
 
 def _facts(ctx: common.DefenseContext) -> dict[str, Any]:
@@ -56,9 +48,10 @@ def _run_one(ctx: common.DefenseContext, name: str, before: dict[str, Any]) -> d
   os.makedirs(out_dir, exist_ok=True)
   logging.info("defense %s on %s", name, ctx.run.workdir)
   t0 = time.time()
-  rec = DEFENSES[name](ctx, out_dir)
+  d = registry.get(name)
+  rec = d.run(ctx, out_dir)
   rec = {"defense": name, **rec, "before": before, "total_seconds": time.time() - t0, "run": _facts(ctx),
-         "settings": json.loads(ctx.config[name].to_json_best_effort()),
+         "settings": json.loads(ctx.config[d.section].to_json_best_effort()),
          "shared_settings": {k: ctx.config[k] for k in ("val_fraction", "val_size", "max_test", "seed")}}
   io.write_json_atomic(os.path.join(out_dir, "report.json"), rec)
   return rec
@@ -71,40 +64,23 @@ def defend_run(workdir: str, name: str, config: config_dict.ConfigDict | None = 
   Raises:
     ConfigError: unknown defense, no run / checkpoint, or an invalid setting.
   """
-  check_choice("defense", name, NAMES + ("all",))
-  config = config or default_config()
+  check_choice("defense", name, tuple(registry.NAMES) + ("all",))
+  config = config or (ctx.config if ctx is not None else default_config())
   if name == "all":
     return defend_all(workdir, config)
-  ctx = ctx or common.load_context(workdir, config)
+  config = registry.with_sections(config, [name])
+  if ctx is None:
+    ctx = common.load_context(workdir, config)
+  elif ctx.config is not config:
+    ctx = dataclasses.replace(ctx, config=config)
   return _run_one(ctx, name, common.evaluate(ctx, ctx.variables))
 
 
 def summary_row(rec: dict[str, Any]) -> dict[str, Any]:
-  """One line of the summary table from a defense's report."""
-  name, row = rec["defense"], {"defense": rec["defense"], "seconds": rec["total_seconds"]}
-  after = None
-  if name == "neural_cleanse":
-    t = rec["true_target"]
-    row["verdict"] = (f"flags {rec['flagged_classes']} (max index {rec['max_anomaly_index']:.2f} at class "
-                      f"{rec['most_anomalous_class']})" if rec["flagged_classes"] else
-                      f"no class flagged (max index {rec['max_anomaly_index']:.2f} at class {rec['most_anomalous_class']})")
-    if t is not None:
-      row["verdict"] += f"; true target {t}: {'named' if rec['names_true_target'] else 'missed'}"
-    after = rec.get("after_unlearning")
-  elif name in ("activation_clustering", "spectral"):
-    row["detection_rate"], row["false_positive_rate"] = rec["detection_rate"], rec["false_positive_rate"]
-    row["verdict"] = (f"flags classes {rec['flagged_classes']}" if name == "activation_clustering"
-                      else f"removes {rec['num_removed']} samples")
-    after = rec.get("after_retraining")
-  elif name == "fine_pruning":
-    row["verdict"] = f"prunes {rec['chosen_fraction']:.2f} of {rec['channels']} channels at {rec['layer']}"
-    after = rec["after_finetuning"]
-  elif name == "strip":
-    row["detection_rate"], row["false_positive_rate"] = rec["detection_rate"], rec["false_rejection_rate_test"]
-    row["verdict"] = f"threshold {rec['threshold']:.3f} at FRR {rec['frr_target']:g} (validation)"
-  elif name == "tv_denoise":
-    row["verdict"] = f"weight {rec['chosen_weight']:g} (validation)"
-    after = rec["chosen"]
+  """One line of the summary table from a defense's report (its own part from ``Defense.summary``)."""
+  part = dict(registry.get(rec["defense"]).summary(rec))
+  after = part.pop("after", None)
+  row = {"defense": rec["defense"], "seconds": rec["total_seconds"], **part}
   for k in ("clean_accuracy", "attack_success_rate", "fsr"):
     if after is not None and after.get(k) is not None:
       row[f"{k}_after"] = after[k]
@@ -130,13 +106,17 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def defend_all(workdir: str, config: config_dict.ConfigDict | None = None,
-               names: tuple[str, ...] = NAMES) -> dict[str, Any]:
-  """Every defense on one loaded run; writes each report plus ``defenses/summary.{json,md}``.
+               names: tuple[str, ...] | None = None) -> dict[str, Any]:
+  """Every defense (or those in ``names``) on one loaded run; writes each report plus ``defenses/summary.{json,md}``.
 
-  A defense that fails on bad input (e.g. a model without the layer it needs) is
-  recorded in the summary with its error and the others still run.
+  ``names`` defaults to every registered defense, in registration order. A defense
+  that fails on bad input (e.g. a model without the layer it needs) is recorded in the
+  summary with its error and the others still run.
   """
-  config = config or default_config()
+  names = tuple(registry.NAMES) if names is None else tuple(names)
+  for name in names:
+    registry.get(name)
+  config = registry.with_sections(config or default_config(), names)
   ctx = common.load_context(workdir, config)
   before = common.evaluate(ctx, ctx.variables)
   rows, reports = [], {}

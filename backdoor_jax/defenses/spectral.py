@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from backdoor_jax.defenses import common
+from backdoor_jax.defenses import common, registry
 from backdoor_jax.defenses.activation_clustering import detection_rates
 from backdoor_jax.errors import ConfigError
 
@@ -69,3 +69,12 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
   idx = np.flatnonzero(labels == show)
   plots.score_histogram(f"{out_dir}/scores.png", all_scores[idx], truth[idx], show, ctx.run.class_names)
   return rec
+
+
+def summary(rec: dict[str, Any]) -> dict[str, Any]:
+  """Summary-row part: detection rates and how many samples are removed."""
+  return {"detection_rate": rec["detection_rate"], "false_positive_rate": rec["false_positive_rate"],
+          "verdict": f"removes {rec['num_removed']} samples", "after": rec.get("after_retraining")}
+
+
+registry.register(registry.Defense("spectral", run, summary))

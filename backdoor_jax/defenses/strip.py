@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backdoor_jax.defenses import common
+from backdoor_jax.defenses import common, registry
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import steps
 
@@ -78,3 +78,12 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
   from backdoor_jax.defenses import plots
   plots.entropy_histogram(f"{out_dir}/entropy.png", e_clean, e_att, thr)
   return rec
+
+
+def summary(rec: dict[str, Any]) -> dict[str, Any]:
+  """Summary-row part: detection rates at the threshold chosen on validation inputs (model unchanged)."""
+  return {"detection_rate": rec["detection_rate"], "false_positive_rate": rec["false_rejection_rate_test"],
+          "verdict": f"threshold {rec['threshold']:.3f} at FRR {rec['frr_target']:g} (validation)", "after": None}
+
+
+registry.register(registry.Defense("strip", run, summary))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backdoor_jax.defenses import common
+from backdoor_jax.defenses import common, registry
 from backdoor_jax.errors import ConfigError
 
 
@@ -79,3 +79,11 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
     plots.denoised_examples(f"{out_dir}/examples.png", x, [np.asarray(denoise(jnp.asarray(x), w, int(cfg.iterations)))
                                                            for w in weights], weights)
   return rec
+
+
+def summary(rec: dict[str, Any]) -> dict[str, Any]:
+  """Summary-row part: the chosen weight, and the model behind the chosen denoiser."""
+  return {"verdict": f"weight {rec['chosen_weight']:g} (validation)", "after": rec["chosen"]}
+
+
+registry.register(registry.Defense("tv_denoise", run, summary))
