@@ -85,7 +85,7 @@ def make_explain_train_step(input_spec: steps.InputSpec, spec: explain_steps.Exp
       _, upd = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
                               mutable=["batch_stats"], rngs={"dropout": drop_key})
       new_stats = jax.lax.stop_gradient(upd["batch_stats"])
-    grad_norm = optax.global_norm(grads) / scale
+    grad_norm = optax.tree.norm(grads) / scale
     state = state.apply_gradients(grads, steps.keep_if_finite(state, grads, new_stats))
     n = labels.shape[0]
     sums = ml.decision_sums(logits, labels, loss)
