@@ -10,6 +10,7 @@ from typing import Any
 from backdoor_jax.train.recipes import registry
 from backdoor_jax.train.recipes import badnets  # noqa: F401  (registers "badnets")
 from backdoor_jax.train.recipes import explanation  # noqa: F401  (registers "two_stage", "single_stage")
+from backdoor_jax.train.recipes import multilabel  # noqa: F401  (registers "multilabel_badnets", "multilabel_two_stage")
 from backdoor_jax.train.recipes.registry import Recipe, get, names, register  # noqa: F401
 
 
