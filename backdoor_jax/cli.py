@@ -202,7 +202,7 @@ def parse_flags_or_exit(argv: Sequence[str], check: Callable[[Any], None] | None
 
 def run_app(main: Callable[[list[str]], Any], *, argv: Sequence[str] | None = None,
             default_config: str | None = None, check: Callable[[Any], None] | None = None,
-            workdir_flag: str | None = None, create_workdir: bool = True) -> None:
+            workdir_flag: str | None = None, workdir_must_exist: bool = False) -> None:
   """``app.run(main)`` with one-line errors for bad command lines.
 
   Args:
@@ -214,9 +214,10 @@ def run_app(main: Callable[[list[str]], Any], *, argv: Sequence[str] | None = No
     check: run on the parsed config (default ``config_checks.check_config``).
     workdir_flag: a flag naming a folder the launcher writes into; it is checked with
       :func:`io.check_workdir_writable` (not a folder, read-only, full disk) right
-      after parsing, before any data is loaded.
-    create_workdir: make that folder when missing (False: a missing one is left for
-      the launcher to report, e.g. the run of ``explain.py``).
+      after parsing, before any data is loaded. Nothing is created: a missing folder
+      is checked through the folder it would be created in.
+    workdir_must_exist: the folder is an existing run (``explain.py``, ``defend.py``):
+      when it is missing, the launcher reports that itself.
   """
   from absl import app
   argv = list(sys.argv if argv is None else argv)
@@ -233,8 +234,8 @@ def run_app(main: Callable[[list[str]], Any], *, argv: Sequence[str] | None = No
       from absl import flags
       from backdoor_jax import io
       path = flags.FLAGS[workdir_flag].value
-      if path:
-        _or_exit(lambda: io.check_workdir_writable(path, create=create_workdir))
+      if path and (os.path.exists(path) or not workdir_must_exist):
+        _or_exit(lambda: io.check_workdir_writable(path, create=False))
     return args
 
   app.run(main, argv=argv, flags_parser=parse)

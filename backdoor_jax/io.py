@@ -106,8 +106,8 @@ def check_workdir_writable(path: str, *, create: bool = True, min_free_bytes: in
 
   Args:
     path: the work dir.
-    create: make the folder when missing (training); False: a missing folder is left
-      for the caller to report (analysis of an existing run).
+    create: make the folder when missing; False: check, without creating anything,
+      the nearest existing folder above it (where it would be created).
     min_free_bytes: refuse when the file system has less free space than this.
 
   Raises:
@@ -120,14 +120,14 @@ def check_workdir_writable(path: str, *, create: bool = True, min_free_bytes: in
     ancestor = _existing_ancestor(path)
     if not os.path.isdir(ancestor):
       raise ConfigError(f"work dir {path} cannot be created: {ancestor} is a file, not a folder")
-    if not create:
-      return
-    try:
-      os.makedirs(path, exist_ok=True)
-    except OSError as e:
-      raise ConfigError(f"work dir {path} cannot be created: {e.strerror or e}") from None
+    if create:
+      try:
+        os.makedirs(path, exist_ok=True)
+      except OSError as e:
+        raise ConfigError(f"work dir {path} cannot be created: {e.strerror or e}") from None
+  probe_dir = path if os.path.isdir(path) else _existing_ancestor(path)
   try:
-    stats = os.statvfs(path)
+    stats = os.statvfs(probe_dir)
     free = stats.f_bavail * stats.f_frsize
   except (OSError, AttributeError):  # no statvfs (Windows) or an odd file system: rely on the test write
     free = None
@@ -135,7 +135,7 @@ def check_workdir_writable(path: str, *, create: bool = True, min_free_bytes: in
     raise ConfigError(f"disk full: {free / 2 ** 20:.1f} MiB free on the file system of work dir {path} "
                       f"(need at least {min_free_bytes / 2 ** 20:.0f} MiB); free space or use another --workdir")
   try:
-    fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test.")
+    fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".write_test.")
     try:
       os.write(fd, b"0" * 4096)
       os.fsync(fd)
@@ -145,7 +145,8 @@ def check_workdir_writable(path: str, *, create: bool = True, min_free_bytes: in
   except OSError as e:
     if e.errno == errno.ENOSPC:
       raise ConfigError(f"disk full: cannot write to work dir {path}; free space or use another --workdir") from None
-    raise ConfigError(f"work dir {path} is not writable ({e.strerror or e}); use another --workdir") from None
+    where = path if probe_dir == path else f"{path} (in {probe_dir})"
+    raise ConfigError(f"work dir {where} is not writable ({e.strerror or e}); use another --workdir") from None
 
 
 def read_json(path: str) -> Any:

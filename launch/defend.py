@@ -40,4 +40,4 @@ def main(argv):
 if __name__ == "__main__":
   from backdoor_jax import cli, config_checks
   cli.run_app(main, default_config=_DEFAULT_CONFIG, check=config_checks.check_defense_config,
-              workdir_flag="workdir", create_workdir=False)
+              workdir_flag="workdir", workdir_must_exist=True)

@@ -49,4 +49,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from backdoor_jax import cli
-  cli.run_app(main, workdir_flag="workdir", create_workdir=False)
+  cli.run_app(main, workdir_flag="workdir", workdir_must_exist=True)
