@@ -81,12 +81,16 @@ class SanityResult(NamedTuple):
 
 # ----------------------------------------------------------------------------- scores
 
+def _wide(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 -> f32; f64 stays
+
+
 def _probability(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32), -1), targets[:, None], -1)[:, 0]
+  return jnp.take_along_axis(jax.nn.softmax(_wide(logits), -1), targets[:, None], -1)[:, 0]
 
 
 def _logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(logits.astype(jnp.float32), targets[:, None], -1)[:, 0]
+  return jnp.take_along_axis(_wide(logits), targets[:, None], -1)[:, 0]
 
 
 SCORES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {"probability": _probability, "logit": _logit}
@@ -166,7 +170,7 @@ def pixel_ranks(maps: jax.Array, most_relevant_first: bool = True) -> jax.Array:
 
   Ties are broken by the flat pixel index (stable sort), so equal values go in reading order.
   """
-  flat = maps.reshape(maps.shape[0], -1).astype(jnp.float32)
+  flat = _wide(maps.reshape(maps.shape[0], -1))
   order = jnp.argsort(-flat if most_relevant_first else flat, axis=-1, stable=True)
   return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32).reshape(maps.shape)
 
@@ -343,10 +347,10 @@ def linear_impute(images: jax.Array, removed: jax.Array, *, tol: float = 1e-6, m
   """
   chex.assert_rank(images, 4)
   chex.assert_shape(removed, images.shape[:3])
-  x = jnp.moveaxis(images, -1, 1).astype(jnp.float32)          # (B, C, H, W)
-  m = removed.astype(jnp.float32)[:, None]                       # (B, 1, H, W)
-  m = jnp.broadcast_to(m, x.shape)
-  diag = _neighbour_sum(jnp.ones(x.shape[-2:], jnp.float32))     # W_i, (H, W)
+  dtype = jnp.promote_types(images.dtype, jnp.float32)
+  x = jnp.moveaxis(images, -1, 1).astype(dtype)                  # (B, C, H, W)
+  m = jnp.broadcast_to(removed.astype(dtype)[:, None], x.shape)  # (B, C, H, W)
+  diag = _neighbour_sum(jnp.ones(x.shape[-2:], dtype))           # W_i, (H, W)
   rhs = m * _neighbour_sum((1.0 - m) * x)
 
   def solve(b, mk):
@@ -447,8 +451,8 @@ def rank_average_ties(x: jax.Array) -> jax.Array:
 
 def pearson(a: jax.Array, b: jax.Array) -> jax.Array:
   """Per-image Pearson correlation of (B, H, W) maps; 0 where either map is constant."""
-  a = a.reshape(a.shape[0], -1).astype(jnp.float32)
-  b = b.reshape(b.shape[0], -1).astype(jnp.float32)
+  a = _wide(a.reshape(a.shape[0], -1))
+  b = _wide(b.reshape(b.shape[0], -1))
   a = a - a.mean(-1, keepdims=True)
   b = b - b.mean(-1, keepdims=True)
   den = jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1))
@@ -465,7 +469,7 @@ def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
 def ssim(a: jax.Array, b: jax.Array, data_range: float = 1.0, win_size: int = 7) -> jax.Array:
   """Per-image mean SSIM of (B, H, W) maps (scikit-image's defaults: uniform 7x7 window,
   sample covariance, K1 = 0.01, K2 = 0.03, mean over the windows that fit inside the image)."""
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  a, b = _wide(a), _wide(b)
   win = min(win_size, a.shape[1], a.shape[2])
   win -= (win + 1) % 2  # odd
   npx = win * win
