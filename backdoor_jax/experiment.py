@@ -18,6 +18,7 @@ from ml_collections import config_dict
 from backdoor_jax import models, poison, triggers
 from backdoor_jax.data import images as image_lib
 from backdoor_jax.data import load_dataset
+from backdoor_jax.data.sources import ImageDataset
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.train import steps
 from backdoor_jax.train.restore import compute_dtype, model_kwargs
@@ -168,3 +169,54 @@ def weak_trigger_mask(exp: Experiment, min_change: float = 32.0, min_change_glob
   return np.abs(after - before).mean(axis=(1, 2)) < min_change
 
 
+
+
+def build_streamed_experiment(config: config_dict.ConfigDict) -> tuple[Experiment, Any]:
+  """``data.stream=True``: the training set stays on disk, the test sets are built in memory.
+
+  Returns the experiment (its ``train_images`` empty, ``train_labels``/``is_poisoned``
+  those of the whole training set, after poisoning) and the
+  ``data.streaming.StreamingData`` that reads this process's training rows on demand,
+  poisoned exactly as :func:`build_experiment` poisons them in memory.
+
+  Raises:
+    ConfigError: settings streaming cannot honour (``poison.adv_eps``), or any invalid one.
+  """
+  from backdoor_jax.data import streaming  # grain / tfds are imported only when streaming
+  c = config
+  models.get_model(c.model.name, 10, **model_kwargs(c))
+  compute_dtype(c)
+  p = c.poison
+  phase = p.get("phase", "both")
+  check_choice("poison.phase", phase, POISON_PHASES)
+  apply_at, size = int(p.get("apply_at_size", 0) or 0), c.data.image_size
+  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    raise ConfigError(f"data.image_size={size!r} is invalid with data.stream=True; allowed: a side in pixels >= 1")
+  keys = run_keys(c.seed)
+  trig = triggers.trigger_from_config(c.trigger, (apply_at or size,) * 2, jax.random.fold_in(jax.random.key(c.seed), 3))
+  count = p.get("count", None)
+  amount = {"rate": None, "count": count} if count is not None else {"rate": p.rate}
+  data = streaming.process_data_from_config(
+      c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None, image_size=size, seed=data_seed(c),
+      max_train=c.data.max_train or None, num_shards=c.data.get("num_shards", 1),
+      trigger=None if phase == "test_only" else trig, poison_key=keys["poison"], target=p.target, mode=p.mode,
+      cross_ratio=triggers.cross_ratio_from_config(c.trigger) if phase != "test_only" else 0.0,
+      apply_at_size=apply_at, adv_eps=p.get("adv_eps", 0.0) or 0.0, **amount)
+  test = streaming.open_split(c.data.name, split="test", path=c.data.path or None, data_dir=c.data.data_dir or None,
+                              image_size=apply_at or size, max_examples=c.data.max_test or None, seed=data_seed(c),
+                              class_names=data.class_names, stats=(data.mean, data.std))
+  test_images, test_labels = streaming.read_split(test)
+  tx, ty, src = poison.poison_test_set(test_images, test_labels, trig, target=p.target, mode=p.mode,
+                                       num_classes=data.num_classes, apply=phase != "train_only")
+  if apply_at and apply_at != size:
+    tx, test_images = _resize_all(np.asarray(tx), size), _resize_all(test_images, size)
+  ds = ImageDataset(name=c.data.name, train_images=np.zeros((0, size, size, 3), np.uint8),
+                           train_labels=np.zeros((0,), np.int32), test_images=test_images, test_labels=test_labels,
+                           num_classes=data.num_classes, class_names=tuple(data.class_names),
+                           mean=tuple(data.mean), std=tuple(data.std))
+  model = models.get_model(c.model.name, ds.num_classes, dtype=compute_dtype(c), **model_kwargs(c))
+  spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
+                         flip=bool(c.data.flip))
+  exp = Experiment(c, ds, trig, ds.train_images, np.asarray(data.labels), np.asarray(data.is_poisoned),
+                   np.asarray(tx), np.asarray(ty), np.asarray(src), model, spec)
+  return exp, data

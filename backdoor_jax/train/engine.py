@@ -161,11 +161,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-# Settings a resumed run may change: the learning rate (e.g. lower it after a divergence),
-# the number of epochs (train longer), clipping, and how the run logs, prefetches and keeps
-# checkpoints. Everything else (data, poisoning, model, optimiser) must match the checkpoint.
-RESUMABLE_KEYS = frozenset({"train.lr", "train.epochs", "train.grad_clip", "train.log_every", "train.prefetch",
-                            "checkpoint.keep", "figures"})
+# Settings a resumed run may change: the learning rate and its step decay (e.g. lower them
+# after a divergence), the number of epochs (train longer), clipping, and how the run logs,
+# prefetches and keeps checkpoints. Everything else (data, poisoning, model, optimiser)
+# must match the checkpoint.
+RESUMABLE_KEYS = frozenset({"train.lr", "train.step_factor", "train.step_epochs", "train.epochs", "train.grad_clip",
+                            "train.log_every", "train.prefetch", "checkpoint.keep", "figures"})
 
 
 def check_resumable(workdir: str, config_text: str | None, has_checkpoint: bool) -> None:
@@ -251,8 +252,8 @@ def fit(task: Task, run: RunSpec) -> tuple[Any, dict[str, Any]]:
       spe = task.feed.steps_per_epoch
       if ep.first_nonfinite_step is not None:
         raise _diverged(run, epoch, ep.first_nonfinite_step, spe, "training loss", latest)
-      if not bool(optim.all_finite(task.params(state))):
-        raise _diverged(run, epoch, None, spe, "model parameters", latest)
+      if not bool(optim.all_finite(task.params(state))):  # every loss was finite: the last update overflowed
+        raise _diverged(run, epoch, ep.steps, spe, "model parameters", latest)
       train_seconds += ep.seconds
       record = {"epoch": epoch + 1, "step": int(np.max(jax.device_get(getattr(state, "step", 0)))),
                 **task.train_record(ep.sums, state),

@@ -33,7 +33,7 @@ def initial_variables(exp: experiment.Experiment, key: jax.Array) -> tuple[steps
   """
   c = exp.config
   spec = init_weights.input_normalisation(c, exp.input_spec)
-  fresh = models.init_variables(exp.model, key, (1,) + exp.train_images.shape[1:])
+  fresh = models.init_variables(exp.model, key, (1,) + exp.dataset.train_images.shape[1:])
   return spec, init_weights.initial_variables(c, fresh)
 
 
@@ -48,15 +48,18 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
   """Trains the configured (backdoored) classifier; writes its reports to ``workdir``."""
   c = config
   run = engine.RunSpec.from_config(c, workdir, name=f"{c.model.name} on {c.data.name}")
-  exp = experiment.build_experiment(c)
+  if c.data.get("stream", False):  # the training set stays on disk; batches are read and poisoned on demand
+    exp, data = experiment.build_streamed_experiment(c)
+  else:
+    exp = experiment.build_experiment(c)
+    data = feed.process_data(exp.train_images, exp.train_labels, c.data.get("num_shards", 1))  # this process's rows
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_global_batch(c.train.batch_size, mesh)
   mesh_lib.check_global_batch(c.train.eval_batch_size, mesh, "train.eval_batch_size")
   n_train, n_poisoned = len(exp.train_labels), int(exp.is_poisoned.sum())
   if n_train < c.train.batch_size:
     raise ConfigError(f"train.batch_size={c.train.batch_size} exceeds the {n_train} training samples")
-  data = feed.process_data(exp.train_images, exp.train_labels, c.data.get("num_shards", 1))  # this process's rows
-  if len(data.rows) < n_train:  # the other processes' shards are not kept in memory
+  if len(data.rows) < n_train and not c.data.get("stream", False):  # other processes' shards are not kept
     exp = dataclasses.replace(exp, train_images=data.images, train_labels=data.labels,
                               is_poisoned=exp.is_poisoned[data.rows])
   batches = feed.ArrayFeed(data, mesh, int(c.train.batch_size), int(c.seed))
