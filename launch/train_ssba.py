@@ -3,7 +3,7 @@ r"""Trains the small SSBA (StegaStamp-style) encoder/decoder and saves the encod
   python launch/train_ssba.py --out=runs/ssba/digits_encoder.npz
   python launch/train_ssba.py --dataset=gtsrb --path=../shared/data/gtsrb32.npz --out=runs/ssba/gtsrb_encoder.npz
   python launch/train.py --config=configs/badnets.py:digits_ssba \
-      --config.trigger.ssba_path=runs/ssba/digits_encoder.npz --workdir=runs/ssba/digits
+      --config.trigger.ssba.path=runs/ssba/digits_encoder.npz --workdir=runs/ssba/digits
 
 Trains on the training split only, with random bit strings; the saved trigger hides one
 fixed bit string drawn from --seed. Prints the decoder's bit accuracy and the PSNR of

@@ -20,18 +20,18 @@ _PER_DATASET = flags.DEFINE_integer("per_dataset", 3, "Example images per datase
 _PSNR_IMAGES = flags.DEFINE_integer("psnr_images", 500, "Test images per dataset for the PSNR table.")
 _SEED = flags.DEFINE_integer("seed", 0, "Run seed the random triggers are derived from.")
 
-# (row label, trigger config); every other field takes the configs/badnets.py default.
+# (row label, trigger config); missing fields (and a kind's empty section) take the defaults.
 GALLERY = (
     ("square 3px white", dict(kind="square", size=3, color="white")),
     ("stripe top-left red", dict(kind="stripe", size=6, color="red")),
     ("3 red dots", dict(kind="dots", size=6, color="red")),
     ("4x4 yellow square", dict(kind="square", size=4, color="yellow")),
-    ("blend noise a=0.2", dict(kind="blend", alpha=0.2)),
-    ("blend corner a=0.5", dict(kind="blend", alpha=0.5, blend_region="patch", size=8)),
-    ("WaNet k=4 s=0.5", dict(kind="wanet")),
-    ("WaNet noise mode", dict(kind="wanet")),
-    ("nashville filter", dict(kind="filter")),
-    ("moire", dict(kind="moire")),
+    ("blend noise a=0.2", dict(kind="blend", blend=dict(alpha=0.2))),
+    ("blend corner a=0.5", dict(kind="blend", blend=dict(alpha=0.5, region="patch"), size=8)),
+    ("WaNet k=4 s=0.5", dict(kind="wanet", wanet={})),
+    ("WaNet noise mode", dict(kind="wanet", wanet={})),
+    ("nashville filter", dict(kind="filter", filter={})),
+    ("moire", dict(kind="moire", moire={})),
 )
 
 

@@ -56,6 +56,27 @@ def test_cells_are_the_product_plus_one_baseline_per_model_and_seed():
   assert all(x.role == "attack" for x in grid_lib.enumerate_cells(c))
 
 
+def test_a_sweep_over_trigger_kinds_gives_each_cell_its_own_section():
+  from backdoor_jax import triggers
+  c = sweep_config(trigger={"kind": ("square", "wanet", "blend"), "wanet": {"s": (0.5, 1.0)}}, poison={"rate": (0.1,)})
+  assert "wanet" not in c.trigger and "blend" not in c.trigger  # the base config names only square
+  attack = [x for x in grid_lib.enumerate_cells(c) if x.role == "attack"]
+  assert len(attack) == 3 * 2
+  for cell in attack:
+    cfg = grid_lib.cell_config(c, cell)
+    vals = dict(cell.values)
+    kind = vals["trigger.kind"]
+    assert [k for k in cfg.trigger if k in triggers.trigger_kinds()] == ([] if kind == "square" else [kind])
+    if kind == "wanet":
+      assert cfg.trigger.wanet.to_dict() == dict(k=4, s=vals["trigger.wanet.s"], grid_rescale=1.0, cross_ratio=2.0)
+      assert triggers.cross_ratio_from_config(cfg.trigger) == 2.0
+    triggers.trigger_from_config(cfg.trigger, (32, 32))  # every cell's trigger builds
+  assert "wanet" not in c.trigger  # the base config is not modified
+  bad = sweep_config(trigger={"kind": ("square", "diamond")}, poison={"rate": (0.1,)})
+  with pytest.raises(ConfigError, match="'diamond'"):
+    grid_lib.enumerate_cells(bad)
+
+
 @pytest.mark.parametrize("grid,needle", [
     ({"trigger": {"sise": (0.1,)}}, "trigger.sise"),
     ({"trigger": {"size": ()}}, "non-empty"),
