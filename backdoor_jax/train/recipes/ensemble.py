@@ -285,11 +285,10 @@ def train_ensemble(configs: Sequence[config_dict.ConfigDict], workdir: str | Non
   starts = [badnets.initial_variables(m.exp, kk["init"]) for m, kk in zip(members, keys)]  # transfer included
   spec = starts[0][0]
   tx, _ = optim.make_optimizer(c.train, batches.steps_per_epoch, starts[0][1]["params"])
-  state = _stack([state_lib.create_train_state(m.exp.model, tx, None, None, variables=v)
-                  for m, (_, v) in zip(members, starts)])
+  model = members[0].exp.model  # one module for all: the stacked state has one apply_fn
+  state = _stack([state_lib.create_train_state(model, tx, None, None, variables=v) for _, v in starts])
   step_keys = jnp.stack([kk["step"] for kk in keys])
   state, step_keys = _put(state, sharding), _put(step_keys, sharding)
-  model = members[0].exp.model
   names = [json.dumps({s: json.loads(cfg.to_json_best_effort(sort_keys=True))[s] for s in MEMBER_KEYS if s in cfg},
                       sort_keys=True) for cfg in configs]
 
