@@ -20,6 +20,7 @@ from backdoor_jax.data import images as image_lib
 from backdoor_jax.data import load_dataset
 from backdoor_jax.data.sources import ImageDataset
 from backdoor_jax.errors import ConfigError, check_choice
+from backdoor_jax.models.input_size import check_input_size
 from backdoor_jax.train import steps
 from backdoor_jax.train.restore import compute_dtype, model_kwargs
 
@@ -126,6 +127,7 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
     ds = dataclasses.replace(ds, train_images=_resize_all(ds.train_images, size),
                              test_images=_resize_all(ds.test_images, size))
   model = models.get_model(c.model.name, ds.num_classes, dtype=compute_dtype(c), **model_kwargs(c))
+  check_input_size(model, x.shape[1:], c.model.name)  # maps that shrink to nothing give NaN logits
   spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
                          flip=bool(c.data.flip))
   return Experiment(c, ds, trig, np.asarray(x), np.asarray(y), np.asarray(is_p), np.asarray(tx),
@@ -215,6 +217,7 @@ def build_streamed_experiment(config: config_dict.ConfigDict) -> tuple[Experimen
                            num_classes=data.num_classes, class_names=tuple(data.class_names),
                            mean=tuple(data.mean), std=tuple(data.std))
   model = models.get_model(c.model.name, ds.num_classes, dtype=compute_dtype(c), **model_kwargs(c))
+  check_input_size(model, (size, size, 3), c.model.name)
   spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
                          flip=bool(c.data.flip))
   exp = Experiment(c, ds, trig, ds.train_images, np.asarray(data.labels), np.asarray(data.is_poisoned),

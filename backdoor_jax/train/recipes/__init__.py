@@ -16,5 +16,7 @@ from backdoor_jax.train.recipes.registry import Recipe, get, names, register  # 
 
 def run(config: Any, workdir: str | None) -> dict[str, Any]:
   """Trains ``config`` with its recipe and returns the results record; ``config`` is not modified."""
+  from backdoor_jax import config_checks
+  config_checks.check_config(config)  # NaN / inf, out-of-range seeds, negative rates, ... (one line each)
   recipe = registry.get(config.get("recipe", "badnets"))
   return recipe.train(copy.deepcopy(config), workdir)

@@ -22,6 +22,7 @@ from ml_collections import config_dict
 from backdoor_jax import experiment, io, models, triggers
 from backdoor_jax.data import load_dataset
 from backdoor_jax.errors import ConfigError
+from backdoor_jax.models.input_size import check_input_size
 from backdoor_jax.train import engine, explain_steps, feed, optim, restore, steps
 from backdoor_jax.train import explain_setup as setup
 from backdoor_jax.train import mesh as mesh_lib
@@ -42,6 +43,7 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
   trig = triggers.trigger_from_config(c.trigger, image_shape[:2], jax.random.fold_in(jax.random.key(c.seed), 3))
   region = setup.target_region(c.explain, image_shape[:2])
   model = models.get_model(c.model.name, ds.num_classes, dtype=restore.compute_dtype(c), **restore.model_kwargs(c))
+  check_input_size(model, image_shape, c.model.name)
   keys = {n: jax.random.fold_in(jax.random.key(c.seed), i) for i, n in enumerate(("init", "step", "s2"))}
   init_vars = models.init_variables(model, keys["init"], (1,) + image_shape)
   layer, shapes = setup.choose_layer(model.apply, init_vars, image_shape, c.explain.layer)
