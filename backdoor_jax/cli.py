@@ -60,7 +60,7 @@ def _or_exit(fn: Callable[[], Any]) -> Any:
 
 def _first_line(e: BaseException) -> str:
   text = str(e).strip()
-  if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # KeyError / AttributeError repr
+  if isinstance(e, KeyError) and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # the key's repr
     text = text[1:-1].replace("\\n", "\n")
   return text.splitlines()[0][:300] if text else type(e).__name__
 
@@ -108,6 +108,9 @@ def load_config_file(spec: str, what: str = "--config") -> Any:
     raise ConfigError(f"config file {path!r} ({what}) cannot be read: {hint}")
   try:
     module_spec = importlib.util.spec_from_file_location("_backdoor_jax_config_check", path)
+    if module_spec is None:
+      raise ConfigError(f"config file {path!r} ({what}) is not a Python file; pass a .py config such as "
+                        "configs/badnets.py")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):

@@ -75,7 +75,9 @@ CASES = [
      "unknown variant 'nope'"),
     ("config_file_raises", "train", ("--config={tmp}/broken_config.py", "--workdir={tmp}/w"),
      "failed: ZeroDivisionError"),
-    ("config_without_get_config", "train", ("--config={file}", "--workdir={tmp}/w"), "failed"),
+    ("config_not_python", "train", ("--config={file}", "--workdir={tmp}/w"), "is not a Python file"),
+    ("config_without_get_config", "train", ("--config={tmp}/empty_config.py", "--workdir={tmp}/w"),
+     "defines no get_config()"),
     ("no_config", "train", ("--workdir={tmp}/w",), "--config must have a value"),
     ("no_workdir", "train", (BADNETS,), "--workdir must have a value"),
     ("float_for_int", "train", T + ("--config.train.epochs=1.5",), "flag --config.train.epochs=1.5"),
@@ -198,6 +200,7 @@ def _make_fixtures(tmp) -> dict[str, str]:
   paths = {"tmp": str(tmp), "file": str(tmp / "plain.txt")}
   (tmp / "plain.txt").write_text("not a config, not an archive\n")
   (tmp / "broken_config.py").write_text("def get_config():\n  return 1 / 0\n")
+  (tmp / "empty_config.py").write_text("X = 1\n")
   (tmp / "x.safetensors").write_bytes(b"garbage, not a safetensors header")
   rng = np.random.default_rng(0)
   labels = (np.arange(40) % 4).astype(np.int64)
