@@ -240,3 +240,37 @@ def test_random_logit_test_separates_class_specific_maps():
   assert np.all(np.asarray(res.similarity["pearson"]) < 0)
   same = F.random_logit_test(lambda v, x, t: jnp.sum(x, -1), wts, x, TARGETS, 2, jax.random.key(0))
   np.testing.assert_allclose(same.similarity["spearman"], 1.0, atol=1e-5)
+
+
+def test_report_batches_every_image_and_writes_files(tmp_path):
+  from backdoor_jax.explain import faithfulness_report as fr
+
+  params = {"params": {"lin": {"w": WEIGHT + 0.05 * jax.random.uniform(jax.random.key(8), (H, W))},
+                        "out": {"b": jnp.zeros(2)}}}
+
+  def apply_fn(v, x):
+    s = jnp.sum(x * v["params"]["lin"]["w"][None, :, :, None], axis=(1, 2, 3))
+    return jnp.stack([s, 3.0 * jnp.ones_like(s)], -1) + v["params"]["out"]["b"]
+
+  def maps_fn(v, x, t):
+    return jnp.sum(x, -1) * v["params"]["lin"]["w"]  # gradient x input of class 0
+
+  raw = np.asarray(jax.random.randint(jax.random.key(6), (6, H, W, C), 0, 256), np.uint8)
+  preprocess = lambda u: u.astype(jnp.float32) / 255.0
+  s = fr.FaithfulnessSettings(n_steps=4, road_fractions=(0.2, 0.5), patch_size=2, n_regions=3, batch_size=4)
+  rec = fr.evaluate_faithfulness(apply_fn, params, preprocess, raw, np.zeros(6, int), maps_fn, settings=s,
+                                 layers=["out", "lin"])
+  x = preprocess(jnp.asarray(raw))
+  pred = jnp.argmax(apply_fn(params, x), -1)
+  direct = F.deletion(apply_fn, x, maps_fn(params, x, pred), pred, n_steps=4, variables=params)
+  assert rec["count"] == 6  # 2 batches of 4, the last one padded and masked
+  np.testing.assert_allclose(rec["deletion"]["auc"]["mean"], float(np.mean(direct.auc)), rtol=1e-5)
+  np.testing.assert_allclose(rec["deletion"]["mean_curve"], np.mean(np.asarray(direct.scores), 0), rtol=1e-5)
+  assert rec["randomization"]["layers"] == ["none", "out", "lin"]
+  sp = rec["randomization"]["spearman"]
+  np.testing.assert_allclose(sp[:2], 1.0, atol=1e-5)  # the bias does not enter the maps
+  assert sp[2] < 0.9
+  assert len(rec["road_morf"]["mean_curve"]) == 2 and len(rec["region_perturbation"]["fractions"]) == 4
+  out = fr.write_faithfulness_report(str(tmp_path), {"m": {"clean": rec}})
+  assert (tmp_path / "faithfulness.json").exists() and (tmp_path / "faithfulness_curves.png").exists()
+  assert [r["images"] for r in fr.summary_rows(out)] == ["clean"]
