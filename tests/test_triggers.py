@@ -523,3 +523,18 @@ def test_register_trigger_checks_names():
   finally:
     T.unregister_trigger("test_only_kind")
   assert "test_only_kind" not in T.trigger_kinds()
+
+
+def test_old_flat_configs_upgrade_to_sections():
+  old = dict(kind="wanet", size=0.1, position="bottom-right", color=[255, 255, 255], margin=0, pattern_path="",
+             mask_path="", seed=-1, alpha=0.2, blend_pattern="noise", blend_region="full", wanet_k=3, wanet_s=0.7,
+             wanet_grid_rescale=1.0, wanet_cross_ratio=1.5, filter_name="nashville", filter_strength=1.0,
+             moire_opacity=0.5, moire_spacing=2.0, moire_angles=[0.0, 5.0], moire_perspective=0.15, ssba_path="")
+  new = T.upgrade_flat_config(old)  # e.g. a config.json written before trigger sections
+  assert new.to_dict() == dict(kind="wanet", size=0.1, position="bottom-right", color=[255, 255, 255], margin=0,
+                               seed=-1, wanet=dict(k=3, s=0.7, grid_rescale=1.0, cross_ratio=1.5))
+  assert T.cross_ratio_from_config(new) == 1.5
+  blend = T.upgrade_flat_config(dict(old, kind="blend", alpha=0.4))
+  assert blend.blend.to_dict() == dict(alpha=0.4, pattern="noise", region="full") and "wanet" not in blend
+  assert T.upgrade_flat_config(new).to_dict() == new.to_dict()  # already sectioned: unchanged
+  _raises("'colour'", T.upgrade_flat_config, dict(kind="square", colour="red"))

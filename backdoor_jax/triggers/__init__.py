@@ -44,6 +44,7 @@ from backdoor_jax.triggers.registry import register_trigger
 from backdoor_jax.triggers.registry import trigger_from_config
 from backdoor_jax.triggers.registry import trigger_kinds
 from backdoor_jax.triggers.registry import unregister_trigger
+from backdoor_jax.triggers.registry import upgrade_flat_config
 from backdoor_jax.triggers.ssba import SSBATrigger
 from backdoor_jax.triggers.warp import WarpTrigger
 from backdoor_jax.triggers.warp import apply_noise_warp
@@ -95,4 +96,5 @@ __all__ = [
     "trigger_kinds",
     "trigger_region",
     "unregister_trigger",
+    "upgrade_flat_config",
 ]

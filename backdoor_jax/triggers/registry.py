@@ -158,11 +158,49 @@ def trigger_key(cfg: Any, key: chex.PRNGKey | None) -> chex.PRNGKey:
   return jax.random.key(0) if key is None else key
 
 
+def _places(field: str) -> list[tuple[str, str]]:
+  """``(kind, field)`` pairs a flat key of the old configs names: ``wanet_k`` -> wanet.k, ``alpha`` -> blend.alpha."""
+  return [(k.name, f) for k in _KINDS.values() for f in k.defaults if field in (f, f"{k.name}_{f}")]
+
+
 def _moved_hint(field: str) -> str:
   """Where a misplaced field lives, e.g. ``wanet_k`` -> ``trigger.wanet.k`` (old flat configs)."""
-  places = [f"trigger.{k.name}.{f}" for k in _KINDS.values() for f in k.defaults
-            if field in (f, f"{k.name}_{f}")]
+  places = [f"trigger.{kind}.{f}" for kind, f in _places(field)]
   return f" (did you mean {', '.join(places)}?)" if places else ""
+
+
+def upgrade_flat_config(cfg: Any) -> config_dict.ConfigDict:
+  """A trigger config of the old flat shape (``wanet_k``, ``alpha``, ...) in the sectioned one.
+
+  For work dirs written before trigger sections existed: the common fields are kept, the
+  chosen kind's fields move into its section (which gets the defaults when it has no
+  field), the other kinds' fields are dropped. A config that is already sectioned comes
+  back unchanged (as a ConfigDict).
+
+  Raises:
+    ConfigError: for a key that belongs to no registered kind.
+  """
+  out = config_dict.ConfigDict()
+  kind = cfg_get(cfg, "kind")
+  kind = kind.strip().lower() if isinstance(kind, str) else kind
+  for key in cfg_keys(cfg):
+    value = cfg[key] if hasattr(cfg, "keys") else getattr(cfg, key)
+    if key in COMMON_FIELDS or key in _KINDS:
+      if key not in out:
+        out[key] = value
+      continue
+    places = _places(key)
+    if not places:
+      raise ConfigError(f"unknown trigger config field {key!r}; allowed: {', '.join(COMMON_FIELDS)}, a section "
+                        "named after a kind, or an old flat field of a registered kind")
+    for name, field in places:
+      if name == kind:
+        section = out.get(name) or config_dict.ConfigDict()
+        section[field] = value
+        out[name] = section
+  if kind in _KINDS:
+    ensure_section(out)  # the old configs' missing fields meant the defaults
+  return out
 
 
 def resolve_config(cfg: Any) -> tuple[TriggerKind, Mapping[str, Any]]:
@@ -186,7 +224,8 @@ def resolve_config(cfg: Any) -> tuple[TriggerKind, Mapping[str, Any]]:
   if section is None:
     if spec.defaults:
       raise ConfigError(f"trigger kind {spec.name!r} needs the section trigger.{spec.name} ({fields}); add it with "
-                        f"c.trigger.{spec.name} = backdoor_jax.triggers.default_config({spec.name!r}) in the config")
+                        f"c.trigger.{spec.name} = backdoor_jax.triggers.default_config({spec.name!r}) in the config, "
+                        f"or start from a config that has it (e.g. --config=configs/badnets.py:digits_{spec.name})")
     section = {}
   if not is_section(section):
     raise ConfigError(f"trigger.{spec.name} is {section!r}; allowed: a section (ConfigDict or dict) with "
