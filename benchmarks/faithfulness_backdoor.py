@@ -23,7 +23,7 @@ import numpy as np
 COLUMNS = (("deletion_auc", "deletion AUC (lower = faithful)"), ("insertion_auc", "insertion AUC (higher)"),
            ("road_morf", "ROAD MoRF (lower)"), ("road_lerf", "ROAD LeRF (higher)"),
            ("road_combined", "ROAD (LeRF-MoRF)/2 (higher)"), ("aopc", "region AOPC (higher)"),
-           ("rand_spearman_last", "Spearman, fc randomised (lower)"),
+           ("rand_spearman_last", "Spearman, top layer randomised (lower)"),
            ("rand_spearman_all", "Spearman, all randomised (lower)"),
            ("random_logit_spearman", "random-logit Spearman (lower)"))
 

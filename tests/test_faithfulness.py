@@ -64,6 +64,10 @@ def test_deletion_and_insertion_match_a_slow_reference_and_mirror_each_other():
   np.testing.assert_allclose(d.scores + i.scores, np.broadcast_to(full[:, None], d.scores.shape), rtol=1e-5)
   np.testing.assert_allclose(d.fractions, np.arange(17) / 16)
   np.testing.assert_allclose(d.auc, np.trapezoid(np.asarray(d.scores), np.asarray(d.fractions)), rtol=1e-6)
+  # jit- and vmap-able over a leading axis (here two image sets).
+  two = jax.jit(jax.vmap(lambda a, b: F.deletion(region_logits, a, b, TARGETS, n_steps=16, score="logit").auc))(
+      jnp.stack([x, 2 * x]), jnp.stack([m, m]))
+  np.testing.assert_allclose(two, np.stack([d.auc, 2 * d.auc]), rtol=1e-5)
 
 
 def test_deleting_the_region_first_gives_the_lowest_deletion_and_highest_insertion_auc():
