@@ -249,7 +249,7 @@ def faithfulness_run(workdir: str, reference: str | None = None, layer: str | No
     order = list(reversed(list(fresh["params"])))  # a fresh init lists modules in call order
     records[role] = {s: evaluate_faithfulness(apply_fn, run.variables, preprocess, imgs, labels, maps_fn,
                                               settings=settings, random_variables=fresh, layers=order)
-                     for s, (imgs, labels) in sets.items()}
+                     for s, (imgs, labels) in sets.items() if len(labels)}  # no triggered set: all of the target class
     for s in records[role].values():
       s["layer"] = name
   out_dir = out_dir or os.path.join(main.workdir, "explain")
