@@ -287,6 +287,20 @@ def torch_device_info() -> tuple[Any, str]:
   return torch.device("cpu"), f"cpu ({torch.get_num_threads()} threads)"
 
 
+def torch_setup(dtype: str) -> tuple[Any, str, bool]:
+  """(device, description, on CUDA) for a PyTorch worker; cuDNN picks its algorithms, as XLA autotunes.
+
+  Raises:
+    NotImplementedError: ``dtype`` is not float32 (the PyTorch reference runs in float32 only).
+  """
+  import torch
+  if dtype != "float32":
+    raise NotImplementedError(f"the PyTorch reference runs in float32 only, not {dtype}")
+  torch.backends.cudnn.benchmark = True
+  device, description = torch_device_info()
+  return device, description, device.type == "cuda"
+
+
 def jax_device_info() -> str:
   """Description of JAX's default device."""
   import jax

@@ -179,11 +179,7 @@ def run_torch(job: Job) -> dict[str, Any]:
   import torch
   import torch.nn.functional as F
 
-  if job.dtype != "float32":
-    raise NotImplementedError(f"the PyTorch reference runs in float32 only, not {job.dtype}")
-  device, description = common.torch_device_info()
-  cuda = device.type == "cuda"
-  torch.backends.cudnn.benchmark = True
+  device, description, cuda = common.torch_setup(job.dtype)
   stem = common.model_stem(job.model)
   flat = dict(np.load(_weights_path(job)))
 

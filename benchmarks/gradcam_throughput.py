@@ -123,11 +123,7 @@ def run_torch(job: Job) -> dict[str, Any]:
   import numpy as np
   import torch
 
-  if job.dtype != "float32":
-    raise NotImplementedError(f"the PyTorch reference runs in float32 only, not {job.dtype}")
-  device, description = common.torch_device_info()
-  cuda = device.type == "cuda"
-  torch.backends.cudnn.benchmark = True
+  device, description, cuda = common.torch_setup(job.dtype)
   saved = dict(np.load(os.path.join(job.workdir, f"{job.model}.npz")))
   net = common.torch_twin(job.model, {k: v for k, v in saved.items() if not k.startswith("maps/")})
   net = net.to(device).eval().requires_grad_(False)

@@ -145,15 +145,10 @@ def run_torch(job: Job) -> dict[str, Any]:
 
   from backdoor_jax.models import torch_reference
 
-  depth = job.model[len("resnet"):] if job.model.startswith("resnet") else ""
-  if job.dtype != "float32":
-    raise NotImplementedError(f"the PyTorch reference runs in float32 only, not {job.dtype}")
-  if depth not in ("18", "34", "50", "101", "152"):
-    raise NotImplementedError(f"the PyTorch reference exists for resnet18/34/50/101/152 only, not {job.model}")
+  if not job.model.startswith("resnet"):
+    raise NotImplementedError(f"the PyTorch reference exists for the ResNets only, not {job.model}")
+  device, description, cuda = common.torch_setup(job.dtype)
   torch.manual_seed(job.seed)
-  cuda = torch.cuda.is_available()
-  device = torch.device("cuda" if cuda else "cpu")
-  torch.backends.cudnn.benchmark = True  # let cuDNN pick conv algorithms, as XLA autotunes
   model = torch_reference.build(job.model, job.num_classes, stem=job.stem).to(device).train()
   opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
   images, labels = common.synthetic_uint8(job.batch, job.size, job.num_classes, job.seed)
@@ -184,8 +179,7 @@ def run_torch(job: Job) -> dict[str, Any]:
   if cuda:
     result["memory"] = {"bytes": torch.cuda.max_memory_allocated(),
                         "kind": "torch.cuda.max_memory_allocated"}
-    result["device"] = f"cuda ({torch.cuda.get_device_name(0)})"
   else:
     result["memory"] = {"bytes": common.max_rss_bytes(), "kind": "process max RSS"}
-    result["device"] = f"cpu ({torch.get_num_threads()} threads)"
+  result["device"] = description
   return result
