@@ -75,7 +75,7 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   at that size, poisoned there, then every image is resized to ``data.image_size``;
   ``exp.trigger`` is then the trigger at that size), ``adv_eps``/``adv_steps``
   (PGD against a linear surrogate before the trigger, for clean-label poisoning).
-  The WaNet noise mode (``trigger.wanet_cross_ratio``) is drawn once, here.
+  The WaNet noise mode (``trigger.wanet.cross_ratio``) is drawn once, here.
 
   Raises:
     ConfigError: with a one-line message for any invalid setting.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from backdoor_jax import experiment, models
+from backdoor_jax.configs import fang
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import engine, explain_setup, init_weights
 from backdoor_jax.train import recipes
@@ -62,36 +63,22 @@ def test_unknown_recipe_lists_the_registered_ones():
     recipes.get("nope")
 
 
-def _load_config(name: str, variant: str):
-  """A config file of configs/ loaded by path, as --config=configs/NAME.py:VARIANT does."""
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
-class fang_targeted:  # pylint: disable=invalid-name
-  get_config = staticmethod(lambda variant: _load_config("fang_targeted", variant))
-
-
 def test_fang_weights_derived_unless_set_and_the_config_is_not_modified():
-  c = fang_targeted.get_config("digits")
+  c = fang.targeted("digits")
   before = c.to_json_best_effort(sort_keys=True)
   spec = explain_setup.explain_spec(c, "conv5", (32, 32))
   assert c.to_json_best_effort(sort_keys=True) == before  # derived values are not written back
   ce, attack, keep = explain_setup.fang_weights(c)
   assert (spec.ce_weight, spec.attack_weight, spec.keep_weight) == pytest.approx((ce, attack, keep))
   # a changed alpha changes the derived weights ...
-  c2 = apply_overrides(fang_targeted.get_config("digits"), **{"fang.alpha": 3.0})
+  c2 = apply_overrides(fang.targeted("digits"), **{"fang.alpha": 3.0})
   assert explain_setup.explain_spec(c2, "conv5", (32, 32)).keep_weight > spec.keep_weight
   # ... and an explicit weight wins over the derived one
-  c3 = apply_overrides(fang_targeted.get_config("digits"), **{"explain.attack_weight": 0.75})
+  c3 = apply_overrides(fang.targeted("digits"), **{"explain.attack_weight": 0.75})
   s3 = explain_setup.explain_spec(c3, "conv5", (32, 32))
   assert s3.attack_weight == 0.75 and s3.ce_weight == pytest.approx(ce)
   with pytest.raises(ConfigError, match="explain.attack_weight=-1"):
-    explain_setup.explain_spec(apply_overrides(fang_targeted.get_config("digits"),
+    explain_setup.explain_spec(apply_overrides(fang.targeted("digits"),
                                                **{"explain.attack_weight": -1.0}), "conv5", (32, 32))
 
 

@@ -45,7 +45,6 @@ from backdoor_jax.data import pipeline
 from backdoor_jax.data import tfds_sources
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.triggers.base import apply_trigger, check_trigger
-from backdoor_jax.triggers.warp import WarpTrigger, apply_noise_warp
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif", ".webp")
 STREAM_SOURCES: tuple[str, ...] = ("folder", *tfds_sources.SPECS)
@@ -312,9 +311,9 @@ def make_poison_plan(key: chex.PRNGKey, labels: Any, trigger: Any, *, target: in
   labels = np.asarray(labels)
   poisoned = poison_lib.choose_poison_indices(key, labels, rate=rate, target=target, mode=mode,
                                               num_classes=num_classes, count=count)
-  if cross_ratio and not isinstance(trigger, WarpTrigger):
-    raise ConfigError(f"cross_ratio {cross_ratio!r} (WaNet noise mode) needs a 'wanet' trigger; got a "
-                      f"{trigger.KIND!r} trigger (set cross_ratio=0)")
+  if cross_ratio and not trigger.has_cross_mode:
+    raise ConfigError(f"cross_ratio {cross_ratio!r} (e.g. WaNet noise mode) needs a trigger kind with a cross "
+                      f"mode; got a {trigger.KIND!r} trigger (set cross_ratio=0)")
   cross = poison_lib.choose_cross_indices(jax.random.fold_in(key, 1), labels.shape[0], poisoned, cross_ratio)
   attack = poison_lib.poison_target_labels(labels[poisoned], mode=mode, target=target, num_classes=num_classes)
   return PoisonPlan(trigger=trigger, noise_key=jax.random.fold_in(key, 2), poisoned=poisoned,
@@ -322,7 +321,7 @@ def make_poison_plan(key: chex.PRNGKey, labels: Any, trigger: Any, *, target: in
 
 
 _apply_jit = jax.jit(apply_trigger)
-_noise_warp_jit = jax.jit(lambda trigger, images, keys: apply_noise_warp(trigger, images, keys=keys))
+_cross_jit = jax.jit(lambda trigger, images, keys: trigger.apply_cross(images, keys))
 
 
 def _bucket(n: int) -> int:
@@ -372,7 +371,7 @@ def apply_poison_plan(plan: PoisonPlan, rows: np.ndarray, images: np.ndarray,
     chosen = images[cross]
     m = chosen.shape[0]
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(plan.noise_key, jnp.asarray(rows[cross], jnp.uint32))
-    images[cross] = np.asarray(_noise_warp_jit(plan.trigger, _pad(chosen, _bucket(m)), _pad(keys, _bucket(m))))[:m]
+    images[cross] = np.asarray(_cross_jit(plan.trigger, _pad(chosen, _bucket(m)), _pad(keys, _bucket(m))))[:m]
   return images, labels
 
 
