@@ -297,6 +297,13 @@ def test_explanation_of_label_depends_only_on_that_logit(method):
   assert float(jnp.max(jnp.abs(moved - maps))) > 1e-2
 
 
+def test_explain_targets_fixed_label_or_top_label():
+  from backdoor_jax import multilabel_explain as mlx  # pylint: disable=g-import-not-at-top
+  logits = jnp.array([[0.1, 3.0, -1.0], [2.0, -5.0, 1.0]])
+  np.testing.assert_array_equal(mlx.explain_targets(logits, 2), [2, 2])
+  np.testing.assert_array_equal(mlx.explain_targets(logits, -1), [1, 0])
+
+
 # ----------------------------------------------------------------------------------
 # End to end: the multi-label explanation backdoor on tiny mosaics.
 

@@ -35,6 +35,7 @@ from backdoor_jax.train import mesh as mesh_lib
 from backdoor_jax.train import state as state_lib
 from backdoor_jax.train.recipes import registry
 from backdoor_jax.train.recipes.explanation import train_record as explain_train_record
+from backdoor_jax.train.recipes.explanation import write_figures as explain_figures
 
 SUMMARY_BADNETS = ("mean_auroc", "mean_ap", "attack_success_rate")
 SUMMARY_EXPLAIN = ("reference_mean_auroc", "mean_auroc", "fsr", "cr", "exact_agreement")
@@ -155,8 +156,8 @@ def stage1_config(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 def reference_run(c: config_dict.ConfigDict, workdir: str | None) -> restore.TrainedRun:
   """Stage 1: loaded from ``stage1.workdir``, reused from ``workdir/stage1``, or trained there."""
-  if c.stage1.workdir:
-    return restore.load_run(c.stage1.workdir)
+  if c.stage1.workdir:  # loads it and checks that it is this config's model
+    return setup.reference_run(c, workdir)
   if not workdir:
     raise ConfigError("multilabel_two_stage needs a --workdir for its stage-1 run, or stage1.workdir=...")
   s1_dir, s1 = os.path.join(workdir, "stage1"), stage1_config(c)
@@ -243,7 +244,10 @@ def train_two_stage(config: config_dict.ConfigDict, workdir: str | None) -> dict
       postfix=lambda s: {"loss": f"{s['loss_sum'] / s['count']:.4f}", "bce": f"{s['ce_sum'] / s['count']:.3f}",
                          "attack": f"{s['attack_sum'] / s['count']:.4f}", "keep": f"{s['keep_sum'] / s['count']:.4f}"},
       describe=lambda r: (f"loss {r['train_loss']:.4f}  mean AUROC {_fmt(r['mean_auroc'])}  exact agreement "
-                          f"{_fmt(r['exact_agreement'])}  fsr {_fmt(r['fsr'])}  cr {_fmt(r['cr'])}"))
+                          f"{_fmt(r['exact_agreement'])}  fsr {_fmt(r['fsr'])}  cr {_fmt(r['cr'])}"),
+      # figures/maps_before_after.png explains each image's top label, i.e. only when that is the explained one
+      figures=None if explain_label >= 0 else (
+          lambda wd, st, history: explain_figures(wd, c, model, ref_vars, st.variables, ds, trig, input_spec, spec)))
   _, results = engine.fit(task, run)
   return results
 
