@@ -1,8 +1,16 @@
 """Multi-process training on one machine: 2 processes x 2 simulated CPU devices (gloo).
 
-The run must end with the same parameters as one process with 4 devices on the same
-global batches, each process must hold only its shard of the training set, and only
-process 0 may log and print results.
+The run must compute the same thing as one process with 4 devices on the same global
+batches, each process must hold only its shard of the training set, and only process 0
+may log and print results.
+
+"The same thing" is checked so that it does not depend on the luck of rounding: the
+all-reduce of 2 processes sums in another order than one process does (a relative 3e-6
+in the loss), and many SGD steps at a large learning rate amplify that into visibly
+different parameters. So the run is short and gentle (SGD, lr 0.01), the per-epoch
+training losses must agree to 1e-4 relative, and the parameters must agree to 2% of how
+far the second epoch moved them. Processes that really computed something else (another
+shard, a gradient off by the process count) miss both by orders of magnitude.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from tests.helpers import REPO
 
 ARGS = ["--config=configs/badnets.py", "--config.data.max_train=256", "--config.data.max_test=64",
         "--config.train.epochs=2", "--config.train.batch_size=32", "--config.train.eval_batch_size=32",
-        "--config.train.optimizer=sgd", "--config.train.lr=0.1", "--config.data.num_shards=2",
+        "--config.train.optimizer=sgd", "--config.train.lr=0.01", "--config.data.num_shards=2",
         "--config.figures=False", "--config.model.widths=8,8,8,8"]
 
 
@@ -56,16 +64,25 @@ def test_two_processes_match_one_process(tmp_path):
 
   # Only process 0 prints the summary and logs the epochs.
   assert "clean_accuracy=" in outs[0][0] and "clean_accuracy=" not in outs[1][0]
-  assert "epoch 1/2" in outs[0][1] and "loop.py" not in outs[1][1]
+  assert "epoch 1/2" in outs[0][1] and "engine.py" not in outs[1][1]
   assert "process 0 of 2: 2 local and 4 global devices" in outs[0][1]
 
+  # The same losses, epoch by epoch (summation order alone changes them by ~3e-6 relative).
+  la, lb = ([json.loads(line)["train_loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (multi, single))
+  np.testing.assert_allclose(la, lb, rtol=1e-4)
+
+  # The same parameters, measured against how far the last epoch moved them.
   a, b = restore.load_run(str(multi)), restore.load_run(str(single))  # any topology restores on one device
-  diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a.variables, b.variables))
-  assert max(diffs) < 5e-5, max(diffs)
-  moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-      lambda x: float(np.abs(np.asarray(x)).max()), a.variables))
-  assert max(moved) > 0
+  b1 = restore.load_run(str(single), number=1)
+  leaf_max = lambda f, *trees: max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda *xs: float(np.max(np.abs(f(*map(np.asarray, xs))))), *trees)))
+  diff = leaf_max(lambda x, y: x - y, a.variables["params"], b.variables["params"])
+  moved = leaf_max(lambda x, y: x - y, b.variables["params"], b1.variables["params"])
+  assert moved > 1e-3, moved  # the second epoch did train
+  assert diff < 0.02 * moved, (diff, moved)
+  stats = leaf_max(lambda x, y: (x - y) / (1 + np.abs(y)), a.variables["batch_stats"], b.variables["batch_stats"])
+  assert stats < 1e-3, stats
   ra, rb = (json.loads((d / "results.json").read_text()) for d in (multi, single))
   for key in ("clean_accuracy", "attack_success_rate", "num_poisoned", "num_train", "devices"):
     assert ra[key] == rb[key], key
