@@ -1,7 +1,7 @@
 """What every defense shares: the defended run, its data, a clean validation split, model calls.
 
 :func:`load_context` rebuilds a trained run (``train.restore.load_run``) and its data
-(``train.loop.build_experiment``: the same poisoned training set and the same poisoned
+(``experiment.build_experiment``: the same poisoned training set and the same poisoned
 indices, from the config seed). Defenses that need clean data use a seeded validation
 split carved from the *clean* training images (what a defender holding a little clean
 data has); the test set is only used for the final clean accuracy / ASR / FSR.
@@ -33,7 +33,9 @@ from backdoor_jax.explain import metrics as map_metrics
 from backdoor_jax.explain import saliency
 from backdoor_jax.explain import layers as layers_lib
 from backdoor_jax.models.common import INTERMEDIATES, PERTURBATIONS
-from backdoor_jax.train import loop, optim, restore, state as state_lib, steps
+from backdoor_jax import experiment
+from backdoor_jax.train import engine, feed, optim, restore, state as state_lib, steps
+from backdoor_jax.train import mesh as mesh_lib
 
 PRUNE_KEY = "prune_mask"
 
@@ -52,7 +54,7 @@ class ExplanationAttack:
 class DefenseContext:
   """A trained run with its data, ready to be defended."""
   run: restore.TrainedRun
-  exp: loop.Experiment
+  exp: experiment.Experiment
   config: config_dict.ConfigDict   # the defenses config
   seed: int
   val_index: np.ndarray            # indices into the training set (clean versions are used)
@@ -153,7 +155,7 @@ def _explanation_attack(run: restore.TrainedRun) -> ExplanationAttack | None:
   c = run.config
   if c.get("recipe", "badnets") == "badnets" or "explain" not in c:
     return None
-  from backdoor_jax.train import explain_loop
+  from backdoor_jax.train import explain_setup
   e = c.explain
   res_path = os.path.join(run.workdir, "results.json")
   layer = io.read_json(res_path).get("layer") if os.path.exists(res_path) else None
@@ -164,7 +166,7 @@ def _explanation_attack(run: restore.TrainedRun) -> ExplanationAttack | None:
   if e.criterion != "iou":
     raise ConfigError(f"explanation run {run.workdir} uses explain.criterion={e.criterion!r}; the defenses "
                       "score FSR with criterion 'iou' only")
-  return ExplanationAttack(methods[0], layer, explain_loop.target_region(e, tuple(run.image_shape[:2])),
+  return ExplanationAttack(methods[0], layer, explain_setup.target_region(e, tuple(run.image_shape[:2])),
                            float(e.iou_threshold), float(e.iou_gt))
 
 
@@ -181,7 +183,7 @@ def load_context(workdir: str, config: config_dict.ConfigDict) -> DefenseContext
     ConfigError: no run / checkpoint, or an invalid validation split.
   """
   run = restore.load_run(workdir)
-  exp = loop.build_experiment(run.config)
+  exp = experiment.build_experiment(run.config)
   if int(config.batch_size) < 1:
     raise ConfigError(f"batch_size={config.batch_size} is invalid; allowed: an int >= 1")
   seed = int(run.config.seed) if int(config.seed) < 0 else int(config.seed)
@@ -347,7 +349,8 @@ def finetune(ctx: DefenseContext, variables: Any, images: np.ndarray, labels: np
   """Fine-tunes every parameter with cross-entropy (Adam); BatchNorm statistics stay frozen.
 
   ``variables`` may carry a prune mask (kept). ``batch_transform(key, x_pixels, y)``
-  may rewrite a batch (e.g. stamp a reversed trigger on a part of it).
+  may rewrite a batch (e.g. stamp a reversed trigger on a part of it). Runs through the
+  training engine in memory (no files).
   """
   if epochs <= 0:
     return variables
@@ -355,32 +358,25 @@ def finetune(ctx: DefenseContext, variables: Any, images: np.ndarray, labels: np
     raise ConfigError(f"fine-tuning batch_size={batch_size} exceeds the {len(labels)} validation samples; "
                       "allowed: at most the validation size")
   apply, spec = ctx.apply_fn, ctx.run.input_spec
-  tx = optax.adam(lr)
-  params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  opt_state = tx.init(params)
+  tx = optax.adam(lr)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats={},
+                               opt_state=tx.init(variables["params"]), apply_fn=apply, tx=tx)
   base = jax.random.key(seed)
 
-  @jax.jit
-  def step(params, opt_state, x, y, key):
+  def step(state, x, y):
     x = x.astype(jnp.float32)
     if batch_transform is not None:
-      x, y = batch_transform(key, x, y)
+      x, y = batch_transform(jax.random.fold_in(base, state.step), x, y)
 
     def loss_fn(p):
-      out = apply({**rest, "params": p}, steps.preprocess(None, x, spec), train=False)
-      return steps.cross_entropy(out, y)
-    loss, g = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+      return steps.cross_entropy(apply({**rest, "params": p}, steps.preprocess(None, x, spec), train=False), y)
+    loss, g = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(g, state.batch_stats), {"loss_sum": loss * y.shape[0],
+                                                         "count": jnp.asarray(y.shape[0], jnp.int32)}
 
-  i = 0
-  for epoch in range(epochs):
-    for idx in pipeline.train_batches(len(labels), batch_size, seed, epoch):
-      params, opt_state, _ = step(params, opt_state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]),
-                                  jax.random.fold_in(base, i))
-      i += 1
-  return {**rest, "params": params}
+  state = _fit_in_memory(state, jax.jit(step, donate_argnums=(0,)), images, labels, batch_size, seed, epochs)
+  return {**rest, "params": state.params}
 
 
 def retrain(ctx: DefenseContext, images: np.ndarray, labels: np.ndarray, epochs: int) -> dict[str, Any]:
@@ -398,11 +394,19 @@ def retrain(ctx: DefenseContext, images: np.ndarray, labels: np.ndarray, epochs:
   spe = pipeline.num_train_steps(len(labels), tc.batch_size)
   state = state_lib.create_train_state(ctx.run.model, optim.make_optimizer(tc, spe, _init_params(ctx, init_key))[0],
                                        init_key, (1,) + tuple(ctx.run.image_shape))
-  train_step = steps.make_train_step(spec, step_key)
-  for epoch in range(int(tc.epochs)):
-    for idx in pipeline.train_batches(len(labels), tc.batch_size, ctx.seed, epoch):
-      state, _ = train_step(state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]))
+  state = _fit_in_memory(state, steps.make_train_step(spec, step_key), images, labels, int(tc.batch_size), ctx.seed,
+                         int(tc.epochs))
   return state.variables
+
+
+def _fit_in_memory(state: Any, step: Callable[..., Any], images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   seed: int, epochs: int) -> Any:
+  """``epochs`` epochs of ``step`` over seeded shuffles of (images, labels), on one device, no files."""
+  mesh = mesh_lib.make_mesh(jax.local_devices()[:1])
+  batches = feed.ArrayFeed(feed.process_data(images, labels), mesh, batch_size, seed)
+  state, _ = engine.fit(engine.Task(state=mesh_lib.replicate(mesh, state), step=step, feed=batches),
+                        engine.RunSpec(workdir=None, epochs=epochs, progress=False, name="defense fine-tuning"))
+  return state
 
 
 def _init_params(ctx: DefenseContext, key: jax.Array) -> Any:
