@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BADNETS = "--config=configs/badnets.py"
 T = (BADNETS, "--workdir={tmp}/w")          # a valid train command line, to add one bad value to
 TINY = ("--config.data.max_train=64", "--config.data.max_test=32", "--config.train.epochs=1")
-ENGINE = "engine wiring (the lead wires check_input_size / check_resumable / read_json_or_error into the engine)"
+ENGINE = "engine wiring (engine.check_resumable should read config.json with io.read_json_or_error)"
 
 CASES = [
     # --- train.py: non-finite and out-of-range config values (config_checks) ---
@@ -107,11 +107,8 @@ CASES = [
      "data.max_train=100000 but the train split of digits has only 1437 images"),
     ("poison_target_out_of_range", "train", T + TINY + ("--config.poison.target=99",), "99"),
     ("trigger_too_big", "train", T + TINY + ("--config.trigger.size=40",), "does not fit"),
-    # Not run until check_input_size is wired into the engine: today this case trains until the
-    # non-finite guard stops it (about 40 s on a busy 2-core machine).
-    pytest.param("image_size_too_small", "train", T + TINY + ("--config.data.image_size=7",),
-                 "the smallest square input it accepts is 8x8",
-                 marks=pytest.mark.xfail(strict=False, run=False, reason=ENGINE)),
+    ("image_size_too_small", "train", T + TINY + ("--config.data.image_size=7",),
+     "the smallest square input it accepts is 8x8"),
     ("checkpoints_without_config", "train", (BADNETS, "--workdir={run_ckpt_only}") + TINY, "no config.json"),
     pytest.param("corrupted_config_json_resume", "train", (BADNETS, "--workdir={run_corrupt}") + TINY,
                  "config.json", marks=pytest.mark.xfail(strict=False, reason=ENGINE)),
