@@ -18,7 +18,8 @@ per label and predicts label ``j`` present when ``logit_j > 0`` (probability > 0
   the finding on which the model predicts it present. For the explanation backdoor the
   predictions must stay as they are: :func:`prediction_agreement`.
 * Steps: :func:`make_train_step` / :func:`make_eval_step`, the multi-label twins of
-  ``train.steps`` (uint8 in, augmentation and normalisation on the device, sums out).
+  ``train.steps`` (uint8 in, augmentation and normalisation on the device; metric sums or
+  logits out); :func:`batched_outputs` runs a per-sample function over a whole split.
 """
 from __future__ import annotations
 

@@ -72,8 +72,6 @@ class MultiLabelDataset:
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
 
-  multilabel = True  # class attribute: lets shared code tell the two dataset kinds apart
-
   def __post_init__(self):
     for split in ("train", "test"):
       images = getattr(self, f"{split}_images")
