@@ -241,7 +241,7 @@ def fit(task: Task, run: RunSpec) -> tuple[Any, dict[str, Any]]:
       tree, meta = ckpt.restore(latest, task.checkpoint_tree(state))
       state = task.from_checkpoint_tree(state, tree)
       start_epoch, history, train_seconds = meta["epoch"], meta["history"], meta["train_seconds"]
-      logging.info("resumed %s from %s (epoch %d of %d)", run.name, ckpt.directory, start_epoch, run.epochs)
+      logging.info("resumed from %s (epoch %d of %d): %s", ckpt.directory, start_epoch, run.epochs, run.name)
     if is_main and run.config_json is not None:
       io.write_json_atomic(os.path.join(run.workdir, "config.json"), json.loads(run.config_json))
   try:

@@ -201,8 +201,12 @@ _NO_STEP = np.iinfo(np.int32).max
 def _accumulate(sums: Any, metrics: dict[str, jax.Array], first_bad: jax.Array, i: jax.Array):
   """Adds a step's metrics to the running sums and remembers the first step with a non-finite loss."""
   sums = jax.tree_util.tree_map(lambda a, b: a + b, sums, metrics)
-  bad = ~jnp.all(jnp.isfinite(metrics["loss_sum"]))
-  return sums, jnp.where(bad & (first_bad == _NO_STEP), i, first_bad)
+  return sums, jnp.where(_nonfinite(metrics) & (first_bad == _NO_STEP), i, first_bad)
+
+
+def _nonfinite(metrics: dict[str, jax.Array]) -> jax.Array:
+  """Whether a step's loss (``loss_sum``, when the step reports one) is NaN or inf."""
+  return ~jnp.all(jnp.isfinite(metrics["loss_sum"])) if "loss_sum" in metrics else jnp.asarray(False)
 
 
 def run_epoch(step: Callable[..., tuple[Any, dict[str, jax.Array]]], state: Any, feed: Feed, epoch: int, *,
@@ -241,7 +245,7 @@ def run_epoch(step: Callable[..., tuple[Any, dict[str, jax.Array]]], state: Any,
       state, m = step(state, *batch)
       steps_run = i + 1
       if sums is None:
-        sums, first_bad = m, jnp.where(jnp.all(jnp.isfinite(m["loss_sum"])), first_bad, 1)
+        sums, first_bad = m, jnp.where(_nonfinite(m), 1, first_bad)
       else:
         sums, first_bad = _accumulate(sums, m, first_bad, jnp.asarray(i + 1, jnp.int32))
       in_flight.append((sums, first_bad))

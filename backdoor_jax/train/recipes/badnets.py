@@ -66,6 +66,7 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
 
   keys = experiment.run_keys(c.seed)
   input_spec, init_vars = initial_variables(exp, keys["init"])
+  exp = dataclasses.replace(exp, input_spec=input_spec)  # the checkpoint records the normalisation used
   tx, schedule = optim.make_optimizer(c.train, batches.steps_per_epoch, init_vars["params"])
   state = state_lib.create_train_state(exp.model, tx, None, None, variables=init_vars)
   state = mesh_lib.replicate(mesh, state)
