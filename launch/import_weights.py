@@ -43,7 +43,7 @@ def run(arch: str, src: str, dst: str, num_classes: int = 0, aux_logits: bool = 
   if os.path.isdir(src):
     raise ConfigError(f"--src={src} is a folder, not a weight file (.pth, .pt, .bin or .safetensors)")
   if os.path.exists(dst):
-    raise ConfigError(f"--dst={dst} already exists; the init checkpoint goes to a new folder")
+    raise ConfigError(f"--dst={dst} already exists (it already holds files); the init checkpoint goes to a new folder")
   from backdoor_jax import models
   from backdoor_jax.models import torchvision_import
   from backdoor_jax.train import init_weights
