@@ -116,3 +116,18 @@ def test_transfer_config_as_a_sweep_member_starts_from_the_init_checkpoint(tmp_p
   for name in frozen:  # frozen layers end exactly as imported (not as a fresh seed-0 init)
     for a, b in zip(jax.tree_util.tree_leaves(params[name]), jax.tree_util.tree_leaves(imported["params"][name])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_run_written_with_the_flat_trigger_config_still_loads(tmp_path):
+  """config.json of runs made before trigger kinds had sections: restore reads them in the new shape."""
+  from backdoor_jax.train import restore
+  old = json.loads(engine.config_json(tiny_config()))
+  old["trigger"] = {"kind": "wanet", "size": 0.1, "position": "bottom-right", "color": [255, 255, 255], "margin": 0,
+                    "seed": -1, "alpha": 0.2, "blend_pattern": "noise", "blend_region": "full", "wanet_k": 4,
+                    "wanet_s": 0.75, "wanet_grid_rescale": 1.0, "wanet_cross_ratio": 2.0, "pattern_path": "",
+                    "mask_path": "", "filter_name": "nashville", "filter_strength": 1.0, "moire_opacity": 0.5,
+                    "moire_spacing": 2.0, "moire_angles": [0.0, 5.0], "moire_perspective": 0.15, "ssba_path": ""}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  config = restore.read_run_config(str(tmp_path))
+  assert config.trigger.kind == "wanet" and config.trigger.wanet.s == 0.75 and config.trigger.wanet.k == 4
+  assert "wanet_s" not in config.trigger and "alpha" not in config.trigger

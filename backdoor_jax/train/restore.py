@@ -87,7 +87,11 @@ def read_run_config(workdir: str) -> config_dict.ConfigDict:
   if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "name" not in raw["model"]:
     raise ConfigError(f"run config {cfg_path} is corrupted (no model.name); restore it or retrain into a new "
                       "--workdir")
-  return config_dict.ConfigDict(raw)
+  config = config_dict.ConfigDict(raw)
+  if "trigger" in config:  # runs written before trigger kinds had their own sections still load
+    from backdoor_jax import triggers
+    config.trigger = triggers.upgrade_flat_config(config.trigger)
+  return config
 
 
 def not_clean_reasons(config: config_dict.ConfigDict) -> list[str]:
