@@ -57,7 +57,7 @@ EMPTY_SET = "empty set: no samples to score"
 
 
 def rate(hits: np.ndarray) -> tuple[float | None, str | None]:
-  """``(mean of a boolean array, None)``, or ``(None, reason)`` when it is empty.
+  """``(mean of an array, None)`` (a rate for booleans), or ``(None, reason)`` when it is empty.
 
   For metrics written as a pair ``metric`` / ``metric_reason``.
   """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -38,15 +39,25 @@ def _load_module(path: str):
 
 
 def _shipped_configs():
-  """(file, variant) of every config file and every variant named in its source."""
+  """(file, variant) of every config file and every variant it lists or names in its source.
+
+  ``configs/*.py`` may be thin files that import ``get_config`` from ``backdoor_jax.configs``;
+  the variants are then read from the module that defines it.
+  """
   out = []
   for name in sorted(os.listdir(CONFIGS)):
     if not name.endswith(".py"):
       continue
-    text = open(os.path.join(CONFIGS, name), encoding="utf-8").read()
-    if "def get_config" not in text:
+    sys.path.insert(0, CONFIGS)
+    try:
+      module = _load_module(os.path.join(CONFIGS, name))
+    finally:
+      sys.path.remove(CONFIGS)
+    if not hasattr(module, "get_config"):
       continue
-    variants = set(re.findall(r'variant == "(\w+)"', text))
+    text = inspect.getsource(sys.modules.get(module.get_config.__module__, module))
+    variants = set(getattr(module, "VARIANTS", ()))
+    variants |= set(re.findall(r'variant == "(\w+)"', text))
     for group in re.findall(r"variant in \(([^)]*)\)", text):
       variants |= set(re.findall(r'"(\w+)"', group))
     for group in re.findall(r"^VARIANTS\s*=\s*\(([^)]*)\)", text, re.M):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from backdoor_jax import evaluate
 from backdoor_jax.defenses import common, registry
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import steps
@@ -71,10 +72,15 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
     e_clean = entropies(ctx, fn, pool, clean_x, n, ctx.seed + 1)
     e_att = entropies(ctx, fn, pool, att_x, n, ctx.seed + 2)
   rec = {"threshold": thr, "frr_target": float(cfg.frr), "num_overlays": n, "alpha": float(cfg.alpha),
-         "detection_rate": float(np.mean(e_att < thr)), "false_rejection_rate_test": float(np.mean(e_clean < thr)),
-         "false_rejection_rate_val": float(np.mean(e_cal < thr)), "num_clean": int(len(e_clean)),
-         "num_triggered": int(len(e_att)), "entropy_clean_mean": float(e_clean.mean()),
-         "entropy_triggered_mean": float(e_att.mean()), "seconds": t.seconds}
+         "num_clean": int(len(e_clean)), "num_triggered": int(len(e_att)), "seconds": t.seconds}
+  # Over an empty set (no triggered test image when every test image is of the target class)
+  # a metric is None with a ``<metric>_reason``, never NaN.
+  for key, values in (("detection_rate", e_att < thr), ("false_rejection_rate_test", e_clean < thr),
+                      ("false_rejection_rate_val", e_cal < thr), ("entropy_clean_mean", e_clean),
+                      ("entropy_triggered_mean", e_att)):
+    rec[key], reason = evaluate.rate(values)
+    if reason:
+      rec[f"{key}_reason"] = reason
   from backdoor_jax.defenses import plots
   plots.entropy_histogram(f"{out_dir}/entropy.png", e_clean, e_att, thr)
   return rec
