@@ -108,6 +108,7 @@ TRAIN_RULES: tuple[Rule, ...] = _COMMON_RULES + (
     Rule("data.max_test", _at_least(0, integer=True), "an integer >= 0 (0 = all)"),
     Rule("data.crop_padding", _at_least(0, integer=True), "an integer >= 0"),
     Rule("data.num_shards", _at_least(1, integer=True), "an integer >= 1"),
+    Rule("data.num_classes", _at_least(0, integer=True), "an integer >= 0 (0 = the dataset's)"),
     Rule("poison.rate", _within(0, 1), _FRACTION),
     Rule("poison.count", _optional(_at_least(0, integer=True)), "None or an integer >= 0"),
     Rule("poison.target", _at_least(0, integer=True), "a class index >= 0"),
