@@ -95,7 +95,8 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
                       f"{c.data.image_size!r}")
   ds = load_dataset(c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None,
                     image_size=apply_at or c.data.image_size or None, seed=data_seed(c),
-                    max_train=c.data.max_train or None, max_test=c.data.max_test or None)
+                    max_train=c.data.max_train or None, max_test=c.data.max_test or None,
+                    num_classes=c.data.get("num_classes", 0) or None)
   keys = run_keys(c.seed)
   trigger_key = jax.random.fold_in(jax.random.key(c.seed), 3)  # after run_keys' poison/init/step
   trig = triggers.trigger_from_config(c.trigger, ds.train_images.shape[1:3], trigger_key)

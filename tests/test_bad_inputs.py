@@ -27,7 +27,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BADNETS = "--config=configs/badnets.py"
 T = (BADNETS, "--workdir={tmp}/w")          # a valid train command line, to add one bad value to
 TINY = ("--config.data.max_train=64", "--config.data.max_test=32", "--config.train.epochs=1")
-ENGINE = "engine wiring (engine.check_resumable should read config.json with io.read_json_or_error)"
 
 CASES = [
     # --- train.py: non-finite and out-of-range config values (config_checks) ---
@@ -110,8 +109,7 @@ CASES = [
     ("image_size_too_small", "train", T + TINY + ("--config.data.image_size=7",),
      "the smallest square input it accepts is 8x8"),
     ("checkpoints_without_config", "train", (BADNETS, "--workdir={run_ckpt_only}") + TINY, "no config.json"),
-    pytest.param("corrupted_config_json_resume", "train", (BADNETS, "--workdir={run_corrupt}") + TINY,
-                 "config.json", marks=pytest.mark.xfail(strict=False, reason=ENGINE)),
+    ("corrupted_config_json_resume", "train", (BADNETS, "--workdir={run_corrupt}") + TINY, "config.json"),
     # --- explain.py ---
     ("explain_no_workdir", "explain", (), "--workdir must have a value"),
     ("explain_missing_run", "explain", ("--workdir={tmp}/nope",), "nope does not exist"),

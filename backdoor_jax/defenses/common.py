@@ -403,6 +403,7 @@ def _fit_in_memory(state: Any, step: Callable[..., Any], images: np.ndarray, lab
                    seed: int, epochs: int) -> Any:
   """``epochs`` epochs of ``step`` over seeded shuffles of (images, labels), on one device, no files."""
   mesh = mesh_lib.make_mesh(jax.local_devices()[:1])
+  state = jax.tree_util.tree_map(jnp.copy, state)  # the step donates its state: never the caller's arrays
   batches = feed.ArrayFeed(feed.process_data(images, labels), mesh, batch_size, seed)
   state, _ = engine.fit(engine.Task(state=mesh_lib.replicate(mesh, state), step=step, feed=batches),
                         engine.RunSpec(workdir=None, epochs=epochs, progress=False, name="defense fine-tuning"))

@@ -167,7 +167,7 @@ def run_sweep(config: config_dict.ConfigDict, workdir: str, progress: bool = Tru
     baselines.update(_baseline_accuracy(new_rows))
     for row, i in zip(new_rows, members):
       b = baselines.get(pending[i].baseline_id())
-      if row["role"] == "attack" and row["status"] == "ok" and b is not None:
+      if row["role"] == "attack" and row["status"] == "ok" and b is not None and row.get("clean_accuracy") is not None:
         row["clean_accuracy_drop"] = b - float(row["clean_accuracy"])
     rows.extend(new_rows)
     write_results(csv_path, header, rows)
@@ -188,7 +188,7 @@ def run_sweep(config: config_dict.ConfigDict, workdir: str, progress: bool = Tru
                           int(row["seed"]), "clean")
       # values in rows are already encoded text; encode() is the identity on str
       b = baselines.get(bid.cell_id)
-      if b is not None:
+      if b is not None and row.get("clean_accuracy") not in (None, ""):
         row["clean_accuracy_drop"] = b - float(row["clean_accuracy"])
   write_results(csv_path, header, rows)
   report_lib.write_report(workdir)

@@ -149,8 +149,8 @@ def rss_bytes() -> int:
 
 
 def device_memory_bytes() -> int | None:
-  """Bytes in use on the first device, where the backend reports it (GPUs, TPUs)."""
-  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+  """Bytes in use on this process's first device, where the backend reports it (GPUs, TPUs)."""
+  stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
   return int(stats["bytes_in_use"]) if stats and "bytes_in_use" in stats else None
 
 
@@ -183,7 +183,7 @@ def check_resumable(workdir: str, config_text: str | None, has_checkpoint: bool)
   if not os.path.exists(path):
     raise ConfigError(f"work dir {workdir} holds checkpoints but no config.json, so they cannot be matched to "
                       f"this config; use a new --workdir, or delete {os.path.join(workdir, 'checkpoints')}")
-  old, new = _flat(io.read_json(path)), _flat(json.loads(config_text))
+  old, new = _flat(io.read_json_or_error(path, "run config")), _flat(json.loads(config_text))
   diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   fixed = [k for k in diff if k not in RESUMABLE_KEYS]
   if fixed:

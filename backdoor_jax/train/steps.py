@@ -108,6 +108,7 @@ def make_eval_step(spec: InputSpec, apply_fn: Callable) -> Callable[..., dict[st
     valid = valid.astype(jnp.int32)
     return {"correct": jnp.sum((pred == labels) * valid),
             "correct5": jnp.sum(jnp.any(top5 == labels[:, None], -1) * valid),
-            "count": jnp.sum(valid), "predictions": pred}
+            "count": jnp.sum(valid), "predictions": pred,
+            "nonfinite": jnp.sum(~jnp.all(jnp.isfinite(logits), -1) * valid)}
 
   return jax.jit(evaluate)

@@ -40,8 +40,13 @@ def initial_variables(exp: experiment.Experiment, key: jax.Array) -> tuple[steps
 def classifier_metrics(exp: experiment.Experiment, clean: dict[str, Any], attack: dict[str, Any]) -> dict[str, Any]:
   """Clean accuracy, ASR and robust accuracy (triggered images still classified as their true label)."""
   true = exp.dataset.test_labels[exp.test_source_index]
-  robust = float(np.mean(attack["predictions"] == true)) if len(true) else None
-  return {"clean_accuracy": clean["accuracy"], "attack_success_rate": attack["accuracy"], "robust_accuracy": robust}
+  usable = len(true) and attack["accuracy"] is not None  # None: empty set or non-finite logits
+  out = {"clean_accuracy": clean["accuracy"], "attack_success_rate": attack["accuracy"],
+         "robust_accuracy": float(np.mean(attack["predictions"] == true)) if usable else None}
+  for name, r in (("clean_accuracy", clean), ("attack_success_rate", attack), ("robust_accuracy", attack)):
+    if out[name] is None and r.get("reason"):
+      out[f"{name}_reason"] = r["reason"]
+  return out
 
 
 def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]:

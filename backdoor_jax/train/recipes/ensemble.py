@@ -35,7 +35,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
 
-from backdoor_jax import experiment
+from backdoor_jax import evaluate, experiment
 from backdoor_jax.data import pipeline
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.train import engine
@@ -167,7 +167,7 @@ def _evaluate_members(eval_fn, variables: Any, image_sets: Sequence[np.ndarray],
   """Accuracy and predictions of each member on its own (images, labels) set."""
   k_members = len(image_sets)
   n_max = max(len(l) for l in label_sets)
-  correct = np.zeros(k_members, np.int64)
+  correct, nonfinite = np.zeros(k_members, np.int64), np.zeros(k_members, np.int64)
   preds = [[] for _ in range(k_members)]
   for start in range(0, n_max, batch_size):
     xs, ys, vs = [], [], []
@@ -183,13 +183,17 @@ def _evaluate_members(eval_fn, variables: Any, image_sets: Sequence[np.ndarray],
     x, y, v = (_put(np.stack(a), sharding) for a in (xs, ys, vs))
     out = jax.device_get(eval_fn(variables, x, y, v))
     correct += np.asarray(out["correct"])
+    nonfinite += np.asarray(out["nonfinite"])
     for k in range(k_members):
       preds[k].append(np.asarray(out["predictions"][k])[np.asarray(vs[k])])
   results = []
   for k, labels in enumerate(label_sets):
     n = len(labels)
-    results.append({"accuracy": float(correct[k]) / n if n else float("nan"), "count": n,
-                    "predictions": np.concatenate(preds[k]).astype(np.int32)})
+    r = {"accuracy": float(correct[k]) / n if n and not nonfinite[k] else None, "count": n,
+         "predictions": np.concatenate(preds[k]).astype(np.int32)}
+    if not n or nonfinite[k]:  # never a rate over nothing, nor one from NaN logits (argmax -> class 0)
+      r["reason"] = (f"{nonfinite[k]} of {n} samples have non-finite logits" if n else evaluate.EMPTY_SET)
+    results.append(r)
   return results
 
 

@@ -38,7 +38,8 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
   run = engine.RunSpec.from_config(c, workdir, name=f"{c.recipe} explanation backdoor")
   ds = load_dataset(c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None,
                     image_size=c.data.image_size or None, seed=experiment.data_seed(c),
-                    max_train=c.data.max_train or None, max_test=c.data.max_test or None)
+                    max_train=c.data.max_train or None, max_test=c.data.max_test or None,
+                    num_classes=c.data.get("num_classes", 0) or None)
   image_shape = ds.train_images.shape[1:]
   trig = triggers.trigger_from_config(c.trigger, image_shape[:2], jax.random.fold_in(jax.random.key(c.seed), 3))
   region = setup.target_region(c.explain, image_shape[:2])
