@@ -47,6 +47,8 @@ def get_config(variant: str = "mosaic") -> config_dict.ConfigDict:
     c.data.image_size = 224
     c.model.name = "densenet121"
     c.model.stem = "imagenet"
+    c.model.init_checkpoint = ""       # ImageNet weights from launch/import_weights.py ('' = random init)
+    c.model.pretrained_required = True  # warn loudly when init_checkpoint is empty
     c.multilabel.pos_weight = "balanced"
     c.explain.layer = "denseblock4"
     c.stage1.train.epochs = 10

@@ -29,7 +29,7 @@ from backdoor_jax import multilabel as ml
 from backdoor_jax import multilabel_explain as mlx
 from backdoor_jax.data.multilabel import MultiLabelDataset, load_multilabel_dataset
 from backdoor_jax.errors import ConfigError, check_choice
-from backdoor_jax.train import engine, explain_steps, feed, optim, restore, steps
+from backdoor_jax.train import engine, explain_steps, feed, init_weights, optim, restore, steps
 from backdoor_jax.train import explain_setup as setup
 from backdoor_jax.train import mesh as mesh_lib
 from backdoor_jax.train import state as state_lib
@@ -57,14 +57,21 @@ def pos_weight(c: config_dict.ConfigDict, labels: np.ndarray) -> np.ndarray | No
   return ml.check_pos_weight(value, labels.shape[1])
 
 
-def _build(c: config_dict.ConfigDict, ds: MultiLabelDataset, variables: Any = None):
-  """Model, input normalisation and initial variables (fresh from the config seed unless given)."""
+def _build(c: config_dict.ConfigDict, ds: MultiLabelDataset, ref: restore.TrainedRun | None = None):
+  """Model, input normalisation and initial variables.
+
+  Without ``ref``: fresh from the config seed, merged with ``model.init_checkpoint`` (e.g.
+  ImageNet DenseNet-121 weights from launch/import_weights.py), normalised with
+  ``data.mean``/``data.std`` when set. With ``ref`` (stage 2): the stage-1 variables and
+  normalisation.
+  """
   model = models.get_model(c.model.name, ds.num_classes, dtype=restore.compute_dtype(c), **restore.model_kwargs(c))
-  input_spec = steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), crop_padding=int(c.data.crop_padding),
-                               flip=bool(c.data.flip))
-  if variables is None:
-    variables = models.init_variables(model, experiment.run_keys(c.seed)["init"], (1,) + ds.image_shape)
-  return model, input_spec, variables
+  augment = {"crop_padding": int(c.data.crop_padding), "flip": bool(c.data.flip)}
+  if ref is not None:
+    return model, ref.input_spec._replace(**augment), ref.variables
+  input_spec = init_weights.input_normalisation(c, steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std), **augment))
+  fresh = models.init_variables(model, experiment.run_keys(c.seed)["init"], (1,) + ds.image_shape)
+  return model, input_spec, init_weights.initial_variables(c, fresh)
 
 
 def _meta(ds: MultiLabelDataset, input_spec: steps.InputSpec) -> dict[str, Any]:
@@ -187,7 +194,7 @@ def train_two_stage(config: config_dict.ConfigDict, workdir: str | None) -> dict
   else:
     resumed = None
   ref = reference_run(c, run.workdir)
-  model, input_spec, ref_vars = _build(c, ds, ref.variables)
+  model, input_spec, ref_vars = _build(c, ds, ref)
   layer, shapes = setup.choose_layer(model.apply, ref_vars, ds.image_shape, c.explain.layer)
   if c.explain.check_layer and c.explain.attack == "targeted" and trig.has_region:
     setup.check_layer_for_region(model.apply, ref_vars, ds.image_shape, layer, shapes, region,
