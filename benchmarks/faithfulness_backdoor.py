@@ -6,7 +6,7 @@ the reference), e.g.::
   python launch/train.py --config=configs/two_stage.py --workdir=/tmp/f_ts
   python benchmarks/faithfulness_backdoor.py --workdir=/tmp/f_ts          # reference: /tmp/f_ts/stage1
 
-Computes ``explain.faithfulness_report.faithfulness_run`` (Grad-CAM of the predicted class
+Computes ``faithfulness_report.faithfulness_run`` (Grad-CAM of the predicted class
 at the attacked layer; deletion / insertion AUC, ROAD MoRF / LeRF, region-perturbation
 AOPC, cascading randomisation and random-logit similarities) on the same seeded subset
 of clean and of triggered test images for both models, writes ``faithfulness.json`` and
@@ -38,7 +38,7 @@ def main() -> None:
   args = ap.parse_args()
   from backdoor_jax import cli
   cli.quiet_library_logs()
-  from backdoor_jax.explain import faithfulness_report as fr
+  from backdoor_jax import faithfulness_report as fr
 
   t0 = time.time()
   reference = args.reference or os.path.join(args.workdir, "stage1")

@@ -4,7 +4,8 @@ r"""Grad-CAM report of a trained run: figures and trigger-region scores in WORKD
   python launch/explain.py --workdir=runs/digits --reference=runs/digits_clean --max_test=500
 
 Writes gradcam_clean_vs_triggered.png, layers.png, feature_maps.png and explain.json
-(see backdoor_jax/analysis.py). --reference names a clean-trained run on the same
+(see backdoor_jax/analysis.py); with --faithfulness also faithfulness.json and
+faithfulness_curves.png (backdoor_jax/faithfulness_report.py). --reference names a clean-trained run on the same
 data; its maps are shown and scored on the same images. --method picks any registered
 explanation method (gradcam, gradcam_pp, simple_grad, vbp, or one you register).
 """
@@ -23,6 +24,10 @@ _MAX_TEST = flags.DEFINE_integer("max_test", 0, "Score a seeded subset of this m
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per jitted batch.")
 _TOP_K = flags.DEFINE_integer("top_k", 8, "Channels shown in feature_maps.png.")
 _IOU_THRESHOLD = flags.DEFINE_float("iou_threshold", 0.5, "Map threshold of the IoU with the trigger region.")
+_FAITHFULNESS = flags.DEFINE_bool("faithfulness", False,
+                                  "Also score the Grad-CAM maps' faithfulness (deletion / insertion, ROAD, region "
+                                  "perturbation, randomisation and random-logit tests) on clean and triggered "
+                                  "images: faithfulness.json and faithfulness_curves.png.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -44,6 +49,13 @@ def main(argv):
     print(f"{role} ({m['layer']}): energy in trigger clean={c['energy_in_trigger']:.4f} "
           f"triggered={t['energy_in_trigger']:.4f}; pointing clean={c['pointing_game']:.4f} "
           f"triggered={t['pointing_game']:.4f}; acc clean={c['accuracy']:.4f} ASR={t['attack_success_rate']:.4f}")
+  if _FAITHFULNESS.value:
+    from backdoor_jax import faithfulness_report as fr
+    frec = cli.run_or_exit(lambda: fr.faithfulness_run(
+        _WORKDIR.value, reference=_REFERENCE.value, layer=_LAYER.value, max_test=_MAX_TEST.value or 200,
+        out_dir=rec["out_dir"], settings=fr.FaithfulnessSettings(batch_size=min(_BATCH_SIZE.value, 100))))
+    for row in fr.summary_rows(frec):
+      print("faithfulness " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
   print(f"-> {rec['out_dir']}")
 
 

@@ -53,12 +53,8 @@ def registered():
 
 
 def _train(config, workdir):
-  try:  # the training entry point (the engine's recipe once it lands)
-    from backdoor_jax.train.recipes import badnets
-    return badnets.train(config, workdir)
-  except ImportError:
-    from backdoor_jax.train import loop
-    return loop.train_and_evaluate(config, workdir)
+  from backdoor_jax.train import recipes
+  return recipes.run(config, workdir)
 
 
 @pytest.fixture(scope="module")

@@ -104,12 +104,8 @@ def test_registered_method_trains_through_the_explanation_loss(x64):
 
 
 def _train(config, workdir):
-  try:  # the training entry point (the engine's recipe once it lands)
-    from backdoor_jax.train.recipes import badnets
-    return badnets.train(config, workdir)
-  except ImportError:
-    from backdoor_jax.train import loop
-    return loop.train_and_evaluate(config, workdir)
+  from backdoor_jax.train import recipes
+  return recipes.run(config, workdir)
 
 
 def test_explain_report_uses_registered_method(tmp_path):

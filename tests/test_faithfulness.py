@@ -247,7 +247,7 @@ def test_random_logit_test_separates_class_specific_maps():
 
 
 def test_report_batches_every_image_and_writes_files(tmp_path):
-  from backdoor_jax.explain import faithfulness_report as fr
+  from backdoor_jax import faithfulness_report as fr
 
   params = {"params": {"lin": {"w": WEIGHT + 0.05 * jax.random.uniform(jax.random.key(8), (H, W))},
                         "out": {"b": jnp.zeros(2)}}}

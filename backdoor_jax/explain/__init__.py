@@ -1,6 +1,7 @@
 """Explanations: Grad-CAM family, saliency, VisualBackProp, stimulation, metrics, overlays.
 
-``layers`` is the one layer API (forward-order layer info, the default-layer rule,
+``faithfulness`` holds the faithfulness and sanity metrics (deletion / insertion, ROAD,
+region perturbation, parameter randomisation, random logit). ``layers`` is the one layer API (forward-order layer info, the default-layer rule,
 name resolution); ``registry`` holds the explanation methods by name. Importing this
 package registers the built-in methods (the imports below, in registry order).
 """
@@ -15,3 +16,6 @@ from backdoor_jax.explain.metrics import correct_rate, energy_in_region, fooling
 from backdoor_jax.explain.metrics import pointing_game, region_from_trigger, square_region
 from backdoor_jax.explain.overlay import grid_figure  # not `overlay`: that name stays the module
 from backdoor_jax.explain.registry import Method, explanation_maps
+from backdoor_jax.explain.faithfulness import (Curve, SanityResult, aopc, deletion, insertion, linear_impute,
+                                               noisy_linear_impute, random_logit_test, randomization_test,
+                                               region_perturbation, road, similarities)

@@ -22,22 +22,6 @@ from backdoor_jax.explain import layers as layers_lib
 from backdoor_jax.explain.layers import ApplyFn, LayerInfo, plain_variables
 from backdoor_jax.models.common import INTERMEDIATES, PERTURBATIONS
 
-def layer_shapes(apply_fn: ApplyFn, variables: Any, images: jax.Array) -> dict[str, tuple[int, ...]]:
-  """Old API (``train/`` still calls it): ``layers.layer_info(...).shapes``, in forward order."""
-  return layers_lib.layer_info(apply_fn, variables, images).shapes
-
-
-def resolve_layers(apply_fn: ApplyFn, variables: Any, images: jax.Array,
-                   layers: str | Sequence[str]) -> tuple[list[str], dict[str, tuple[int, ...]]]:
-  """Old API (``train/`` still calls it): ``layers.resolve_layers`` on ``layers.layer_info``.
-
-  Raises:
-    ConfigError: naming an unknown layer and listing the valid ones.
-  """
-  info = layers_lib.layer_info(apply_fn, variables, images)
-  return layers_lib.resolve_layers(info, layers), info.shapes
-
-
 def check_images(images: jax.Array) -> None:
   """Model inputs: float (B, H, W, C) arrays, already normalised."""
   if getattr(images, "ndim", None) != 4:

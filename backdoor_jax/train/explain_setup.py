@@ -16,7 +16,8 @@ from ml_collections import config_dict
 
 from backdoor_jax.data import pipeline
 from backdoor_jax.errors import ConfigError, check_choice
-from backdoor_jax.explain import core as explain_core
+from backdoor_jax.explain import layers
+from backdoor_jax.explain import registry as explain_registry
 from backdoor_jax.explain import metrics as map_metrics
 from backdoor_jax.explain import saliency
 from backdoor_jax.train import engine, explain_steps, restore
@@ -55,17 +56,10 @@ def target_region(cfg: Any, image_hw: tuple[int, int]) -> np.ndarray:
 
 
 def choose_layer(apply_fn, variables, image_shape, requested: str) -> tuple[str, dict[str, tuple[int, ...]]]:
-  """The Grad-CAM layer: ``requested``, or the deepest spatial layer whose map is >= 4x4."""
-  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  shapes = explain_core.layer_shapes(apply_fn, variables, dummy)
-  spatial = [k for k, s in shapes.items() if len(s) == 4]
-  if requested:
-    explain_core.resolve_layers(apply_fn, variables, dummy, [requested])
-    return requested, shapes
-  big = [k for k in spatial if min(shapes[k][1:3]) >= 4]
-  if not big:
-    raise ConfigError(f"no layer has a map of at least 4x4; set explain.layer to one of {', '.join(spatial)}")
-  return big[-1], shapes
+  """The explained layer and every layer's shape: ``requested``, or the library's default rule
+  (``explain.layers.default_layer``: the deepest spatial layer whose map is >= 4x4)."""
+  info = layers.layer_info_for_shape(apply_fn, variables, image_shape)
+  return layers.choose_layer(info, requested, what="explain.layer"), dict(info.shapes)
 
 
 def receptive_field(apply_fn, variables, image_shape, layer: str, cells: np.ndarray) -> np.ndarray:
@@ -233,12 +227,13 @@ def check_train_mode_maps(apply_fn, variables: Any, image_shape: tuple[int, ...]
   from backdoor_jax.models.common import INTERMEDIATES, PERTURBATIONS
   apply = explain_steps.train_mode_apply(apply_fn, jax.random.key(seed))
   x = jax.random.normal(jax.random.key(seed), (2,) + tuple(image_shape))
-  shapes = explain_core.layer_shapes(apply_fn, variables, x)
+  shapes = layers.layer_info(apply_fn, variables, x).shapes
   base = {k: v for k, v in variables.items() if k != PERTURBATIONS}
   for method, _ in spec.methods:
-    if method == "vbp":  # forward-only: no gradient to mix
+    gradient = explain_registry.get(method).gradient
+    if gradient == "none":  # forward-only (e.g. VisualBackProp): no gradient to mix
       continue
-    on_input = method == "simple_grad"
+    on_input = gradient == "input"
 
     def scores(z, on_input=on_input):
       v = base if on_input else {**base, PERTURBATIONS: {spec.layer: z}}
