@@ -100,7 +100,8 @@ def make_explain_eval_step(input_spec: steps.InputSpec, spec: explain_steps.Expl
   """``eval(variables, ref_variables, images_uint8, trigger, target_mask, triggered: bool) -> per-sample dict``.
 
   Returns ``logits`` (B, L), ``explained`` (B,) label, ``attack_loss`` (B,) (L_p at the loss
-  resolution) and ``maps`` (B, H, W) at input size. Jitted (``triggered`` static).
+  resolution), ``maps`` (B, H, W) at input size and ``loss_maps`` (the maps the loss sees:
+  pooled to the loss resolution, renormalised). Jitted (``triggered`` static).
   """
 
   def evaluate(variables, ref_variables, images, trigger, target_mask, triggered):
@@ -115,7 +116,7 @@ def make_explain_eval_step(input_spec: steps.InputSpec, spec: explain_steps.Expl
                                                                spec.layer), spec.loss_resolution)
            if spec.attack == "nontargeted" else jnp.zeros_like(maps))
     attack = losses.attack_map_loss(spec.attack, maps, target_mask, ref, spec.top_k)
-    return {"logits": logits, "explained": targets, "attack_loss": attack, "maps": full}
+    return {"logits": logits, "explained": targets, "attack_loss": attack, "maps": full, "loss_maps": maps}
 
   return jax.jit(evaluate, static_argnums=(5,))
 
@@ -130,7 +131,10 @@ def evaluate_explanation_backdoor(eval_step: Callable, variables: Any, ref_varia
   An image's map is *fooled* when (criterion ``'iou'``) IoU(map > ``iou_threshold``,
   region) > ``iou_gt``, or (``'loss'``) its attack loss < ``loss_threshold``. FSR is the
   fooled rate of the attacked images (triggered; clean when ``spec.inverted``), CR one
-  minus the fooled rate of the others.
+  minus the fooled rate of the others. ``fsr_loss_res`` / ``cr_loss_res`` apply the same
+  criterion to the maps the loss sees (pooled to ``spec.loss_resolution``, against the
+  region pooled there and thresholded at 0.5): a map can match the target there while its
+  pixel-level version (SimpleGrad, VisualBackProp) stays too speckled for IoU > 0.5.
 
   Returns:
     flat metrics: ``mean_auroc`` (clean images), ``triggered_mean_auroc`` (triggered
@@ -139,15 +143,19 @@ def evaluate_explanation_backdoor(eval_step: Callable, variables: Any, ref_varia
     ``fsr``, ``cr``, ``iou_gt_05``, ``iou_mean``; and ``detail`` (per split, per label).
   """
   region_j = jnp.asarray(region > 0)
+  region_lr = jnp.asarray(loss_mask) > 0.5
   out = {}
   for name, triggered in (("clean", False), ("triggered", True)):
     def run(x, triggered=triggered):
       r = eval_step(variables, ref_variables, x, trigger, loss_mask, triggered)
       return {"logits": r["logits"], "attack_loss": r["attack_loss"],
-              "iou": map_metrics.iou(r["maps"], region_j, threshold=iou_threshold)}
+              "iou": map_metrics.iou(r["maps"], region_j, threshold=iou_threshold),
+              "iou_lr": map_metrics.iou(r["loss_maps"], region_lr, threshold=iou_threshold)}
     r = ml.batched_outputs(run, images, batch_size, mesh)
     fooled = r["iou"] > iou_gt if criterion == "iou" else r["attack_loss"] < loss_threshold
+    fooled_lr = r["iou_lr"] > iou_gt if criterion == "iou" else fooled
     out[name] = {"logits": r["logits"], "fooled_rate": float(fooled.mean()) if len(fooled) else None,
+                 "fooled_rate_loss_res": float(fooled_lr.mean()) if len(fooled) else None,
                  "iou": {k: float(v) for k, v in map_metrics.iou_summary(jnp.asarray(r["iou"])).items()},
                  "attack_loss_mean": float(r["attack_loss"].mean()) if len(fooled) else None,
                  "metrics": ml.multilabel_metrics(r["logits"], labels, class_names)}
@@ -158,5 +166,7 @@ def evaluate_explanation_backdoor(eval_step: Callable, variables: Any, ref_varia
           **ml.prediction_agreement(out["clean"]["logits"], out["triggered"]["logits"]),
           "fsr": out[attacked]["fooled_rate"],
           "cr": None if out[kept]["fooled_rate"] is None else 1.0 - out[kept]["fooled_rate"],
+          "fsr_loss_res": out[attacked]["fooled_rate_loss_res"],
+          "cr_loss_res": None if out[kept]["fooled_rate"] is None else 1.0 - out[kept]["fooled_rate_loss_res"],
           "iou_gt_05": out[attacked]["iou"]["gt_05"], "iou_mean": out[attacked]["iou"]["mean"],
           "detail": {k: {kk: vv for kk, vv in v.items() if kk != "logits"} for k, v in out.items()}}

@@ -338,7 +338,8 @@ def test_multilabel_explanation_backdoor_end_to_end(tmp_path):
   # the reference is the stage-1 model on the same test images: the same AUROC, exactly
   assert results["reference_mean_auroc"] == stage1["mean_auroc"]
   assert stage1["num_poisoned"] == 0 and stage1["attack_success_rate"] is not None
-  for key in ("mean_auroc", "triggered_mean_auroc", "fsr", "cr", "label_agreement", "exact_agreement"):
+  for key in ("mean_auroc", "triggered_mean_auroc", "fsr", "cr", "fsr_loss_res", "cr_loss_res", "label_agreement",
+              "exact_agreement"):
     assert 0.0 <= results[key] <= 1.0, key
   assert results["mean_auroc_change"] == pytest.approx(results["mean_auroc"] - stage1["mean_auroc"])
   assert results["layer"] == "conv5" and results["num_test"] == 40
