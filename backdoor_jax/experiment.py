@@ -74,7 +74,8 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   the clean model's response to the trigger), ``apply_at_size`` (>0: the data is loaded
   at that size, poisoned there, then every image is resized to ``data.image_size``;
   ``exp.trigger`` is then the trigger at that size), ``adv_eps``/``adv_steps``
-  (PGD against a linear surrogate before the trigger, for clean-label poisoning).
+  (PGD before the trigger, for clean-label poisoning, against ``surrogate``: see
+  :func:`backdoor_jax.poison.surrogate_from_config`).
   The WaNet noise mode (``trigger.wanet.cross_ratio``) is drawn once, here.
 
   Raises:
@@ -106,8 +107,9 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   perturb = None
   adv_eps = p.get("adv_eps", 0.0) or 0.0
   if adv_eps and phase != "test_only":
-    surrogate = poison.fit_linear_surrogate(ds.train_images, ds.train_labels, ds.num_classes,
-                                            jax.random.fold_in(keys["poison"], 3))
+    surrogate = poison.surrogate_from_config(p, ds.train_images, ds.train_labels, ds.num_classes,
+                                             jax.random.fold_in(keys["poison"], 3),
+                                             steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std)))
     perturb = poison.make_pgd_perturbation(surrogate, eps=adv_eps, steps=p.get("adv_steps", 10))
   if phase == "test_only":
     poison.choose_poison_indices(keys["poison"], ds.train_labels, target=p.target, mode=p.mode,

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from backdoor_jax import adversarial
 from backdoor_jax.errors import ConfigError, check_choice
 from backdoor_jax.triggers.base import apply_trigger, check_trigger
 
@@ -447,22 +448,9 @@ def make_pgd_perturbation(logits_fn: Callable[[jax.Array], jax.Array], *, eps: f
   Raises:
     ConfigError: for a non-positive ``eps`` or ``steps``.
   """
-  if (isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not math.isfinite(float(eps))
-      or not 0 < eps <= 255):
-    raise ConfigError(f"adversarial eps {eps!r} is invalid; allowed: a number in (0, 255] (pixel units)")
-  if not _is_int(steps) or steps < 1:
-    raise ConfigError(f"adversarial steps {steps!r} is invalid; allowed: an int >= 1")
-  alpha = float(step_size) if step_size is not None else 2.5 * float(eps) / steps
-
-  @jax.jit
-  def attack(x0, y):
-    def loss(x):
-      return optax.softmax_cross_entropy_with_integer_labels(logits_fn(x), y).sum()
-    def body(x, _):
-      x = x + alpha * jnp.sign(jax.grad(loss)(x))
-      return jnp.clip(jnp.clip(x, x0 - eps, x0 + eps), 0.0, 255.0), None
-    x, _ = jax.lax.scan(body, x0, None, length=steps)
-    return x
+  eps, steps = adversarial.check_eps(eps), adversarial.check_steps(steps)
+  alpha = float(step_size) if step_size is not None else 2.5 * eps / steps
+  attack = jax.jit(lambda x0, y: adversarial.pgd(logits_fn, x0, y, eps=eps, steps=steps, step_size=alpha))
 
   def perturb(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
@@ -474,3 +462,46 @@ def make_pgd_perturbation(logits_fn: Callable[[jax.Array], jax.Array], *, eps: f
     return out
 
   return perturb
+
+
+def _linear_surrogate(images: np.ndarray, labels: np.ndarray, num_classes: int, key: chex.PRNGKey,
+                      spec: Any, options: Any) -> Callable[[jax.Array], jax.Array]:
+  del spec, options
+  return fit_linear_surrogate(images, labels, num_classes, key)
+
+
+def _adversarial_surrogate(images: np.ndarray, labels: np.ndarray, num_classes: int, key: chex.PRNGKey,
+                           spec: Any, options: Any) -> Callable[[jax.Array], jax.Array]:
+  fields = {f: options.get(f"surrogate_{f}") for f in ("model", "widths", "epochs", "eps", "steps", "lr")}
+  cfg = adversarial.AdvTrainConfig(**{f: (tuple(v) if f == "widths" else v) for f, v in fields.items()
+                                      if v is not None})
+  return adversarial.load_or_train_surrogate(options.get("surrogate_path", "") or "", images, labels, num_classes,
+                                             key, spec, cfg)
+
+
+# poison.surrogate -> builder(images, labels, num_classes, key, input_spec, poison_options) -> logits_fn.
+# 'linear': logistic regression on pixels (seconds; its PGD barely transfers: a cheap smoke test of the
+# clean-label path). 'adversarial': a PGD-adversarially trained zoo model (Turner et al.; slow, cached
+# at poison.surrogate_path; settings poison.surrogate_{model,widths,epochs,eps,steps,lr}).
+SURROGATES: dict[str, Callable[..., Callable[[jax.Array], jax.Array]]] = {
+    "linear": _linear_surrogate, "adversarial": _adversarial_surrogate}
+
+
+def surrogate_from_config(options: Any, images: Any, labels: Any, num_classes: int, key: chex.PRNGKey,
+                          spec: Any) -> Callable[[jax.Array], jax.Array]:
+  """The clean-label PGD surrogate named by ``options.surrogate`` (default ``'linear'``); see :data:`SURROGATES`.
+
+  Args:
+    options: the ``poison`` config section (``surrogate``, ``surrogate_*``).
+    images, labels: the clean training set (uint8 pixels, int labels).
+    num_classes: number of classes.
+    key: PRNG key for the surrogate's training.
+    spec: the run's input normalisation (:class:`backdoor_jax.train.steps.InputSpec`).
+  Returns:
+    ``logits_fn(float pixels (B, H, W, 3) in [0, 255]) -> (B, C)``.
+  Raises:
+    ConfigError: for an unknown surrogate or bad settings.
+  """
+  name = options.get("surrogate", "linear") or "linear"
+  check_choice("poison.surrogate", name, tuple(SURROGATES))
+  return SURROGATES[name](np.asarray(images), np.asarray(labels), num_classes, key, spec, options)

@@ -14,7 +14,7 @@ from backdoor_jax.errors import ConfigError
 # digits_KIND / gtsrb_KIND variants listed in the launch file's docstring (any registered kind works too).
 VARIANTS = ("digits", "gtsrb", "cifar10", "digits_blend", "digits_wanet", "digits_filter", "digits_moire",
             "digits_clean_label", "digits_ssba", "digits_checkerboard", "digits_noise_patch", "gtsrb_blend",
-            "gtsrb_wanet", "gtsrb_filter", "gtsrb_moire")
+            "gtsrb_wanet", "gtsrb_filter", "gtsrb_moire", "digits_label_consistent", "gtsrb_label_consistent")
 
 
 def use_trigger(c: config_dict.ConfigDict, kind: str, **options) -> config_dict.ConfigDict:
@@ -112,7 +112,7 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
     c.train.nesterov = True
     c.train.warmup_epochs = 1.0
   elif variant.partition("_")[0] in ("digits", "gtsrb") and (
-      variant.partition("_")[2] in ("clean_label",) + triggers.trigger_kinds()):
+      variant.partition("_")[2] in ("clean_label", "label_consistent") + triggers.trigger_kinds()):
     base, _, kind = variant.partition("_")
     if base == "gtsrb":
       c.data.name = "gtsrb"
@@ -124,6 +124,24 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
       c.poison.mode = "clean_label"
       c.poison.rate = 0.08      # of the training set; ~80% of the target class
       c.poison.adv_eps = 32.0
+    elif kind == "label_consistent":
+      # Turner et al. 2019: PGD (eps 16/255) against an adversarially trained surrogate, then the
+      # four-corner pattern, on at most half of the target class; labels stay correct.
+      use_trigger(c, "four_corner")
+      c.trigger.size = 3.0
+      c.poison.mode = "clean_label"
+      c.poison.target = 2          # GTSRB's largest class (5.7% of the training set; digits: 10%)
+      c.poison.rate = 0.025 if base == "gtsrb" else 0.045  # of the training set: ~44% / ~45% of the target class
+      c.poison.adv_eps = 16.0
+      c.poison.adv_steps = 10
+      c.poison.surrogate = "adversarial"  # or 'linear' (logistic regression; seconds, transfers poorly)
+      c.poison.surrogate_path = f"runs/surrogates/{base}_adversarial.msgpack"  # trained once per data/settings
+      c.poison.surrogate_model = "small_cnn"
+      c.poison.surrogate_widths = (16, 32, 64, 64)
+      c.poison.surrogate_epochs = 2
+      c.poison.surrogate_eps = 8.0      # adversarial-training radius, pixels of 255
+      c.poison.surrogate_steps = 3
+      c.poison.surrogate_lr = 2e-3
     else:
       use_trigger(c, kind)
       if kind == "ssba":
