@@ -22,12 +22,12 @@ worked example).
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Any, Callable, KeysView, Mapping
 
 from ml_collections import config_dict
 
-from backdoor_jax.errors import ConfigError, check_choice
+from backdoor_jax.errors import ConfigError
+from backdoor_jax.registry import Registry
 
 RunFn = Callable[..., dict[str, Any]]
 SummaryFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -62,9 +62,9 @@ class Defense:
       raise ConfigError(f"defense {self.name!r}: defaults must be callable (returning a ConfigDict) or None")
 
 
-_REGISTRY: dict[str, Defense] = {}
+_REGISTRY: Registry[Defense] = Registry("defense")
 # Live, read-only views (registration order): a defense registered later shows up in them.
-DEFENSES: Mapping[str, Defense] = types.MappingProxyType(_REGISTRY)
+DEFENSES: Mapping[str, Defense] = _REGISTRY.entries
 NAMES: KeysView[str] = DEFENSES.keys()
 
 
@@ -79,10 +79,7 @@ def register(d: Defense, *, replace: bool = False) -> Defense:
     raise ConfigError(f"register takes a defenses.registry.Defense; got {type(d).__name__}")
   if d.name == "all":
     raise ConfigError("defense name 'all' is reserved (it runs every defense)")
-  if d.name in _REGISTRY and not replace:
-    raise ConfigError(f"defense {d.name!r} is already registered; pass replace=True to override")
-  _REGISTRY[d.name] = d
-  return d
+  return _REGISTRY.add(d.name, d, replace=replace)
 
 
 def defense(name: str, *, summary: SummaryFn, section: str = "",
@@ -97,8 +94,7 @@ def defense(name: str, *, summary: SummaryFn, section: str = "",
 
 def unregister(name: str) -> None:
   """Removes a defense (e.g. a test's own); unknown names raise ConfigError."""
-  get(name)
-  del _REGISTRY[name]
+  _REGISTRY.remove(name)
 
 
 def get(name: str) -> Defense:
@@ -107,8 +103,7 @@ def get(name: str) -> Defense:
   Raises:
     ConfigError: unknown name (lists the registered ones).
   """
-  check_choice("defense", name, _REGISTRY)
-  return _REGISTRY[name]
+  return _REGISTRY.get(name)
 
 
 def with_sections(config: config_dict.ConfigDict, names: Any) -> config_dict.ConfigDict:

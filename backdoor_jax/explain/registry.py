@@ -18,12 +18,12 @@ parameters, inside ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Any, Callable, KeysView, Mapping, Sequence
 
 import jax
 
 from backdoor_jax.errors import ConfigError, check_choice
+from backdoor_jax.registry import Registry
 
 MapsFn = Callable[..., jax.Array]
 LayersFn = Callable[..., dict[str, jax.Array]]
@@ -63,7 +63,7 @@ class Method:
       raise ConfigError(f"explanation method {self.name!r}: all_layers needs takes_layer=True")
 
 
-_REGISTRY: dict[str, Method] = {}
+_REGISTRY: Registry[Method] = Registry("explanation method")
 
 
 def register(method: Method, *, replace: bool = False) -> Method:
@@ -74,10 +74,7 @@ def register(method: Method, *, replace: bool = False) -> Method:
   """
   if not isinstance(method, Method):
     raise ConfigError(f"register takes an explain.registry.Method; got {type(method).__name__}")
-  if method.name in _REGISTRY and not replace:
-    raise ConfigError(f"explanation method {method.name!r} is already registered; pass replace=True to override")
-  _REGISTRY[method.name] = method
-  return method
+  return _REGISTRY.add(method.name, method, replace=replace)
 
 
 def method(name: str, *, takes_layer: bool = True, gradient: str = "layer",
@@ -91,8 +88,7 @@ def method(name: str, *, takes_layer: bool = True, gradient: str = "layer",
 
 def unregister(name: str) -> None:
   """Removes a method (e.g. a test's own); unknown names raise ConfigError."""
-  get(name)
-  del _REGISTRY[name]
+  _REGISTRY.remove(name)
 
 
 def get(name: str) -> Method:
@@ -101,12 +97,11 @@ def get(name: str) -> Method:
   Raises:
     ConfigError: unknown name (lists the registered ones).
   """
-  check_choice("explanation method", name, _REGISTRY)
-  return _REGISTRY[name]
+  return _REGISTRY.get(name)
 
 
 # Live, read-only views (registration order): a method registered later shows up in them.
-METHODS: Mapping[str, Method] = types.MappingProxyType(_REGISTRY)
+METHODS: Mapping[str, Method] = _REGISTRY.entries
 NAMES: KeysView[str] = METHODS.keys()
 
 

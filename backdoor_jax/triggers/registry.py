@@ -35,7 +35,8 @@ import chex
 import jax
 from ml_collections import config_dict
 
-from backdoor_jax.errors import ConfigError, check_choice
+from backdoor_jax.errors import ConfigError
+from backdoor_jax.registry import Registry
 from backdoor_jax.triggers.base import cfg_get, cfg_keys, check_image_hw, check_trigger, is_section
 
 # Fields every trigger config may hold, whatever its kind.
@@ -74,7 +75,7 @@ class TriggerKind:
   cross_ratio: Callable[[Mapping[str, Any]], float] | None = None
 
 
-_KINDS: dict[str, TriggerKind] = {}
+_KINDS: Registry[TriggerKind] = Registry("trigger kind")
 
 
 def register_trigger(name: str,
@@ -105,9 +106,8 @@ def register_trigger(name: str,
     raise ConfigError(f"trigger kind {name!r} has invalid field name(s) {bad}; allowed: [a-z][a-z0-9_]*")
 
   def decorator(build: Callable[[TriggerArgs], Any]) -> Callable[[TriggerArgs], Any]:
-    if name in _KINDS and not replace and _KINDS[name].build is not build:
-      raise ConfigError(f"trigger kind {name!r} is already registered; pick another name or pass replace=True")
-    _KINDS[name] = TriggerKind(name, build, types.MappingProxyType(defaults), cross_ratio)
+    same = name in _KINDS and _KINDS.get(name).build is build  # the module imported twice: a no-op
+    _KINDS.add(name, TriggerKind(name, build, types.MappingProxyType(defaults), cross_ratio), replace=replace or same)
     return build
 
   return decorator
@@ -115,20 +115,19 @@ def register_trigger(name: str,
 
 def unregister_trigger(name: str) -> None:
   """Removes a registered kind (for tests and notebooks); unknown names are ignored."""
-  _KINDS.pop(name, None)
+  _KINDS.remove(name, missing_ok=True)
 
 
 def trigger_kinds() -> tuple[str, ...]:
   """Names of the registered kinds, in registration order."""
-  return tuple(_KINDS)
+  return _KINDS.names()
 
 
 def get_kind(name: Any) -> TriggerKind:
   """The registered kind ``name`` (case-insensitive); ConfigError listing the registered ones."""
   if isinstance(name, str):
     name = name.strip().lower()
-  check_choice("trigger kind", name, trigger_kinds())
-  return _KINDS[name]
+  return _KINDS.get(name)
 
 
 def default_config(kind: str) -> config_dict.ConfigDict:
@@ -160,7 +159,7 @@ def trigger_key(cfg: Any, key: chex.PRNGKey | None) -> chex.PRNGKey:
 
 def _places(field: str) -> list[tuple[str, str]]:
   """``(kind, field)`` pairs a flat key of the old configs names: ``wanet_k`` -> wanet.k, ``alpha`` -> blend.alpha."""
-  return [(k.name, f) for k in _KINDS.values() for f in k.defaults if field in (f, f"{k.name}_{f}")]
+  return [(k.name, f) for k in _KINDS.entries.values() for f in k.defaults if field in (f, f"{k.name}_{f}")]
 
 
 def _moved_hint(field: str) -> str:

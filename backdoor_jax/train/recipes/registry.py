@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from backdoor_jax.errors import ConfigError
+from backdoor_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,26 +19,27 @@ class Recipe:
   summary: tuple[str, ...]                             # results keys of the launcher's summary line
 
 
-_RECIPES: dict[str, Recipe] = {}
+_RECIPES: Registry[Recipe] = Registry("recipe")
 
 
-def register(name: str, train: Callable[[Any, str | None], dict[str, Any]], summary: tuple[str, ...] = ()) -> Recipe:
-  """Registers ``train(config, workdir) -> results`` as recipe ``name`` (replacing an earlier one)."""
-  recipe = Recipe(name, train, tuple(summary))
-  _RECIPES[name] = recipe
-  return recipe
+def register(name: str, train: Callable[[Any, str | None], dict[str, Any]], summary: tuple[str, ...] = (),
+             *, replace: bool = False) -> Recipe:
+  """Registers ``train(config, workdir) -> results`` as recipe ``name``.
+
+  Raises:
+    ConfigError: the name is taken (pass ``replace=True`` to override it on purpose).
+  """
+  return _RECIPES.add(name, Recipe(name, train, tuple(summary)), replace=replace)
+
+
+def unregister(name: str) -> None:
+  _RECIPES.remove(name)
 
 
 def names() -> tuple[str, ...]:
-  return tuple(sorted(_RECIPES))
+  return _RECIPES.names()
 
 
 def get(name: str) -> Recipe:
-  """The recipe registered as ``name``.
-
-  Raises:
-    ConfigError: no such recipe (the message lists the registered ones).
-  """
-  if name not in _RECIPES:
-    raise ConfigError(f"unknown recipe {name!r}; allowed: {', '.join(names())}")
-  return _RECIPES[name]
+  """The recipe registered as ``name``; ConfigError listing the registered ones when there is none."""
+  return _RECIPES.get(name)
