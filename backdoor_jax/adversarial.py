@@ -19,9 +19,11 @@ import dataclasses
 import math
 import numbers
 import os
+import time
 import zlib
 from typing import Any, Callable
 
+from absl import logging
 import chex
 import flax.serialization
 import jax
@@ -147,10 +149,14 @@ def adversarial_train(images: Any, labels: Any, num_classes: int, key: chex.PRNG
 
   bs = min(int(cfg.batch_size), len(labels))
   for epoch in range(int(cfg.epochs)):
+    t0, correct, count = time.time(), 0, 0
     order = np.asarray(jax.random.permutation(jax.random.fold_in(perm_key, epoch), len(labels)))
     for start in range(0, len(order) - bs + 1, bs):
       idx = order[start:start + bs]
-      state, _ = step(state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]))
+      state, m = step(state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]))
+      correct, count = correct + m["correct"], count + m["count"]
+    logging.info("adversarial training (eps %g px, %d PGD steps) epoch %d/%d: accuracy on PGD images %.3f, %.0f s",
+                 eps, n_steps, epoch + 1, cfg.epochs, float(correct) / max(int(count), 1), time.time() - t0)
   return model.apply, state.variables
 
 
