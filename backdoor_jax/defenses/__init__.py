@@ -12,6 +12,7 @@ package registers the built-in defenses (the imports below, in registry order).
 """
 from backdoor_jax.defenses import registry
 from backdoor_jax.defenses import neural_cleanse, activation_clustering, spectral, fine_pruning, strip, tv_denoise
+from backdoor_jax.defenses import bn_reestimate, map_probe  # noqa: F401  (explanation-backdoor defenses)
 from backdoor_jax.defenses.registry import DEFENSES, NAMES, Defense
 from backdoor_jax.defenses.report import default_config, defend_all, defend_run
 
