@@ -35,7 +35,7 @@ from backdoor_jax.data import pipeline
 from backdoor_jax.data.multilabel import check_label_matrix
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import mesh as mesh_lib
-from backdoor_jax.train import optim, steps
+from backdoor_jax.train import steps
 from backdoor_jax.train.state import TrainState
 from backdoor_jax.triggers.base import check_trigger
 
@@ -300,30 +300,8 @@ def train_step_fn(spec: steps.InputSpec, pos_weight: Any = None) -> Callable[...
   decision right), ``count``.
   """
   w = None if pos_weight is None else jnp.asarray(pos_weight, jnp.float32)
-
-  def step(state: TrainState, images: jax.Array, labels: jax.Array, base_key: jax.Array):
-    chex.assert_rank(images, 4)
-    chex.assert_rank(labels, 2)
-    key = jax.random.fold_in(base_key, state.step)
-    aug_key, drop_key = jax.random.split(key)
-    x = steps.preprocess(aug_key, images, spec)
-    scale = optim.loss_scale(state.opt_state)
-
-    def loss_fn(params):
-      variables = {"params": params}
-      mutable = []
-      if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-        mutable = ["batch_stats"]
-      logits, updates = state.apply_fn(variables, x, train=True, mutable=mutable, rngs={"dropout": drop_key})
-      loss = jnp.mean(sigmoid_bce(logits, labels, w))
-      return loss * scale, (loss, logits, updates.get("batch_stats", state.batch_stats))
-
-    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads, steps.keep_if_finite(state, grads, batch_stats))
-    return state, decision_sums(logits, labels, loss)
-
-  return step
+  return steps.train_step_fn(spec, loss=lambda logits, labels: jnp.mean(sigmoid_bce(logits, labels, w)),
+                             sums=decision_sums)
 
 
 def decision_sums(logits: jax.Array, labels: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:

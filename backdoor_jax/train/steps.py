@@ -39,12 +39,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
-def train_step_fn(spec: InputSpec) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+def classification_sums(logits: jax.Array, labels: jax.Array, loss: jax.Array) -> dict[str, jax.Array]:
+  """Batch sums of a single-label step: ``loss_sum``, ``correct`` (top-1), ``count``."""
+  n = labels.shape[0]
+  return {"loss_sum": loss * n, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+          "count": jnp.asarray(n, jnp.int32)}
+
+
+def train_step_fn(spec: InputSpec, loss: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+                  sums: Callable[..., dict[str, jax.Array]] = classification_sums
+                  ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """The pure (unjitted) step ``step(state, images_uint8, labels, base_key) -> (state, metrics)``.
 
+  ``loss(logits, labels)`` is the batch-mean loss (cross-entropy; the multi-label
+  recipes pass sigmoid BCE) and ``sums(logits, labels, loss)`` the metric sums.
   :func:`make_train_step` jits it for one model; ``train.ensemble`` vmaps it over a
   stack of models, each with its own state, batch and ``base_key``.
   """
+  loss_of = loss
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array, base_key: jax.Array):
     chex.assert_rank(images, 4)
@@ -62,15 +74,12 @@ def train_step_fn(spec: InputSpec) -> Callable[..., tuple[TrainState, dict[str, 
         variables["batch_stats"] = state.batch_stats
         mutable = ["batch_stats"]
       logits, updates = state.apply_fn(variables, x, train=True, mutable=mutable, rngs={"dropout": drop_key})
-      loss = cross_entropy(logits, labels)
-      return loss * scale, (loss, logits, updates.get("batch_stats", state.batch_stats))
+      value = loss_of(logits, labels)
+      return value * scale, (value, logits, updates.get("batch_stats", state.batch_stats))
 
-    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (value, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads, keep_if_finite(state, grads, batch_stats))
-    n = labels.shape[0]
-    metrics = {"loss_sum": loss * n, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
-               "count": jnp.asarray(n, jnp.int32)}
-    return state, metrics
+    return state, sums(logits, labels, value)
 
   return step
 
