@@ -168,6 +168,12 @@ def report(rows: list[dict[str, Any]]) -> str:
     expl = [r for r in rows if r["label"] == 1]
     stats["finds_target_region"] = float(np.mean([r["map_probe"]["region"] == r["target"] for r in expl]))
     stats["finds_trigger_position"] = float(np.mean([r["map_probe"]["position_name"] == r["trigger"] for r in expl]))
+    # ablation: the score without the probe of the trigger's own colour (yellow), and with noise probes only
+    for what, keep in (("without_yellow", lambda n: n != "yellow"), ("noise_only", lambda n: n.startswith("noise"))):
+      sc2 = np.asarray([max(v for n, v in r["map_probe"]["pattern_lift"].items() if keep(n))
+                        for r in rows if r["label"] is not None])
+      stats[f"auroc_{what}"] = float(roc_auc_score(lab, sc2))
+      stats[f"tpr_at_5pct_fpr_{what}"] = tpr_at_fpr(lab, sc2, 0.05)[0]
   lines.append("")
   lines.append(json.dumps(stats, indent=1))
   return "\n".join(lines)

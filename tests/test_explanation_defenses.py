@@ -157,3 +157,14 @@ def test_map_probe_helpers_known_answers():
   with pytest.raises(ConfigError, match="map_probe region"):
     map_probe.region_masks(("middle",), (8, 8), 0.25)
   assert {"bn_reestimate", "map_probe"} <= set(defenses.NAMES)
+
+
+def test_population_tpr_at_fpr_known_answer():
+  from benchmarks import explanation_detector_population as pop
+  labels = np.array([0] * 20 + [1] * 4)
+  scores = np.concatenate([np.arange(20) / 20.0, [0.97, 0.9, 0.5, 0.96]])
+  tpr, thr = pop.tpr_at_fpr(labels, scores, 0.05)  # one negative (0.95) may score above the threshold 0.90
+  assert thr == 0.9 and tpr == 0.5
+  assert pop.tpr_at_fpr(labels, scores, 0.0) == (0.5, 0.95)
+  specs = pop.population_specs(8, 2)
+  assert len({(s["trigger"], s["target"]) for s in specs[:8]}) == 8 and all(s["trigger"] != s["target"] for s in specs)

@@ -181,7 +181,8 @@ def detect(apply_fn, variables, input_spec: steps.InputSpec, images: np.ndarray,
   return {"score": float(lift[k, p, r]), "region": names[r], "pattern": pnames[k],
           "position": positions[p].tolist(), "position_name": nearest_position(positions[p], size, hw),
           "hit_rate": float(rates[k, p, r]), "base_rate": base.tolist(),
-          "region_lift": dict(zip(names, lift.max(axis=(0, 1)).tolist())), "regions": list(names),
+          "region_lift": dict(zip(names, lift.max(axis=(0, 1)).tolist())),
+          "pattern_lift": dict(zip(pnames, lift.max(axis=(1, 2)).tolist())), "regions": list(names),
           "probes": int(len(patterns) * len(positions)), "images": int(len(pick))}
 
 
