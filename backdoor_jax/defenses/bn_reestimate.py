@@ -180,6 +180,9 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
   """Re-estimates the BatchNorm statistics on the clean validation split; test-set report before / after."""
   del out_dir
   cfg = ctx.config.bn_reestimate
+  if not jax.tree_util.tree_leaves(ctx.variables.get("batch_stats", {})):  # e.g. VGG without BN: nothing to do
+    return {"mode": str(cfg.mode), "batchnorm_layers": 0, "val_images": int(len(ctx.val_index)), "after": None,
+            "seconds": 0.0}
   with common.Timer() as t:
     new = reestimate(ctx.apply_fn, ctx.variables, ctx.run.input_spec, ctx.val_images, mode=str(cfg.mode),
                      batch_size=int(cfg.batch_size))
@@ -193,6 +196,8 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
 
 def summary(rec: dict[str, Any]) -> dict[str, Any]:
   """Summary-row part: the re-estimated model (its test-set evaluation is the 'after' column)."""
+  if not rec["batchnorm_layers"]:
+    return {"verdict": "the model has no BatchNorm layer; nothing re-estimated", "after": None}
   return {"verdict": f"re-estimates {rec['batchnorm_layers']} BatchNorm layers ({rec['mode']}) on "
                      f"{rec['val_images']} clean images", "after": rec["after"]}
 
