@@ -312,8 +312,8 @@ def make_poison_plan(key: chex.PRNGKey, labels: Any, trigger: Any, *, target: in
   poisoned = poison_lib.choose_poison_indices(key, labels, rate=rate, target=target, mode=mode,
                                               num_classes=num_classes, count=count)
   if cross_ratio and not trigger.has_cross_mode:
-    raise ConfigError(f"cross_ratio {cross_ratio!r} (e.g. WaNet noise mode) needs a trigger kind with a cross "
-                      f"mode; got a {trigger.KIND!r} trigger (set cross_ratio=0)")
+    raise ConfigError(f"cross_ratio {cross_ratio!r} (WaNet noise mode) needs a 'wanet' trigger or another kind "
+                      f"with a cross mode; got a {trigger.KIND!r} trigger (set cross_ratio=0)")
   cross = poison_lib.choose_cross_indices(jax.random.fold_in(key, 1), labels.shape[0], poisoned, cross_ratio)
   attack = poison_lib.poison_target_labels(labels[poisoned], mode=mode, target=target, num_classes=num_classes)
   return PoisonPlan(trigger=trigger, noise_key=jax.random.fold_in(key, 2), poisoned=poisoned,

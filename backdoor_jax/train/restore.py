@@ -76,7 +76,7 @@ def read_run_config(workdir: str) -> config_dict.ConfigDict:
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     what = "is a file, not a folder" if os.path.exists(workdir) else "does not exist"
-    raise ConfigError(f"work dir {workdir} {what}; pass the --workdir of a training run")
+    raise ConfigError(f"work dir {workdir} {what} (no config.json to load); pass the --workdir of a training run")
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.exists(cfg_path):
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
