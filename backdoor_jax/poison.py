@@ -472,7 +472,7 @@ def _linear_surrogate(images: np.ndarray, labels: np.ndarray, num_classes: int, 
 
 def _adversarial_surrogate(images: np.ndarray, labels: np.ndarray, num_classes: int, key: chex.PRNGKey,
                            spec: Any, options: Any) -> Callable[[jax.Array], jax.Array]:
-  fields = {f: options.get(f"surrogate_{f}") for f in ("model", "widths", "epochs", "eps", "steps", "lr")}
+  fields = {f: options.get(f"surrogate_{f}") for f in ("model", "widths", "epochs", "eps", "steps", "step_size", "lr")}
   cfg = adversarial.AdvTrainConfig(**{f: (tuple(v) if f == "widths" else v) for f, v in fields.items()
                                       if v is not None})
   return adversarial.load_or_train_surrogate(options.get("surrogate_path", "") or "", images, labels, num_classes,
@@ -482,7 +482,7 @@ def _adversarial_surrogate(images: np.ndarray, labels: np.ndarray, num_classes: 
 # poison.surrogate -> builder(images, labels, num_classes, key, input_spec, poison_options) -> logits_fn.
 # 'linear': logistic regression on pixels (seconds; its PGD barely transfers: a cheap smoke test of the
 # clean-label path). 'adversarial': a PGD-adversarially trained zoo model (Turner et al.; slow, cached
-# at poison.surrogate_path; settings poison.surrogate_{model,widths,epochs,eps,steps,lr}).
+# at poison.surrogate_path; settings poison.surrogate_{model,widths,epochs,eps,steps,step_size,lr}).
 SURROGATES: dict[str, Callable[..., Callable[[jax.Array], jax.Array]]] = {
     "linear": _linear_surrogate, "adversarial": _adversarial_surrogate}
 

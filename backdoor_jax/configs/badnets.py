@@ -141,6 +141,7 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
       c.poison.surrogate_epochs = 2
       c.poison.surrogate_eps = 8.0      # adversarial-training radius, pixels of 255
       c.poison.surrogate_steps = 3
+      c.poison.surrogate_step_size = 0.0  # pixels per PGD step; 0 = 2.5 * eps / steps
       c.poison.surrogate_lr = 2e-3
     else:
       use_trigger(c, kind)
