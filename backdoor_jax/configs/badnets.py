@@ -138,10 +138,10 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
       c.poison.surrogate_path = f"runs/surrogates/{base}_adversarial.msgpack"  # trained once per data/settings
       c.poison.surrogate_model = "small_cnn"
       c.poison.surrogate_widths = (16, 32, 64, 64)
-      c.poison.surrogate_epochs = 2
+      c.poison.surrogate_epochs = 5       # measured: 5 one-step epochs beat 2 three-step epochs (GTSRB ASR 0.43 vs 0.34)
       c.poison.surrogate_eps = 8.0      # adversarial-training radius, pixels of 255
-      c.poison.surrogate_steps = 3
-      c.poison.surrogate_step_size = 0.0  # pixels per PGD step; 0 = 2.5 * eps / steps
+      c.poison.surrogate_steps = 1
+      c.poison.surrogate_step_size = 10.0  # pixels per PGD step (1.25 eps, fast adversarial training); 0 = 2.5 * eps / steps
       c.poison.surrogate_lr = 2e-3
     else:
       use_trigger(c, kind)
