@@ -83,20 +83,27 @@ def test_fang_weights_derived_unless_set_and_the_config_is_not_modified():
 
 
 def test_both_stages_see_the_same_split_with_split_seed(tmp_path, monkeypatch):
+  """The explanation recipe's own data and its stage-1 run's data come from the same split seed."""
   from tests.test_explain_train import tiny_two_stage
+  from backdoor_jax.train.recipes import explanation
   seen = []
   real = experiment.load_dataset
+
+  class Seen(Exception):
+    pass
 
   def spy(*args, **kwargs):
     ds = real(*args, **kwargs)
     seen.append((kwargs["seed"], ds.train_labels.copy(), ds.test_labels.copy()))
+    if len(seen) == 2:  # the recipe's load, then stage 1's: enough, no need to train
+      raise Seen
     return ds
-  from backdoor_jax.train.recipes import explanation
   monkeypatch.setattr(experiment, "load_dataset", spy)
   monkeypatch.setattr(explanation, "load_dataset", spy)
   c = tiny_two_stage(**{"seed": 3, "data.split_seed": 11, "data.max_train": 96, "data.max_test": 32,
                         "stage1.train.epochs": 1, "train.epochs": 1, "explain.check_layer": False})
-  explanation.train(c, str(tmp_path))
+  with pytest.raises(Seen):
+    explanation.train(c, str(tmp_path))
   assert len(seen) == 2 and {s[0] for s in seen} == {11}
   np.testing.assert_array_equal(seen[0][1], seen[1][1])
   np.testing.assert_array_equal(seen[0][2], seen[1][2])
