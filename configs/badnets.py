@@ -12,6 +12,9 @@ Variants (``--config=configs/badnets.py:VARIANT``):
   digits_ssba  sample-specific invisible trigger; first train its encoder with
            python launch/train_ssba.py --out=runs/ssba/digits_encoder.npz
   gtsrb_blend / gtsrb_wanet / gtsrb_filter / gtsrb_moire   the same triggers on GTSRB
+  gtsrb_label_consistent / digits_label_consistent   clean-label attack (Turner et al.):
+           PGD (eps 16) against an adversarially trained surrogate (cached in
+           runs/surrogates/), four-corner trigger, at most half of the target class
   digits_KIND / gtsrb_KIND   any registered trigger kind with its default settings
            (the kind's own settings are then overridable as --config.trigger.KIND.FIELD)
 
