@@ -48,11 +48,7 @@ def _shipped_configs():
   for name in sorted(os.listdir(CONFIGS)):
     if not name.endswith(".py"):
       continue
-    sys.path.insert(0, CONFIGS)
-    try:
-      module = _load_module(os.path.join(CONFIGS, name))
-    finally:
-      sys.path.remove(CONFIGS)
+    module = _load_module(os.path.join(CONFIGS, name))
     if not hasattr(module, "get_config"):
       continue
     text = inspect.getsource(sys.modules.get(module.get_config.__module__, module))
@@ -67,8 +63,7 @@ def _shipped_configs():
 
 
 @pytest.mark.parametrize("name, variant", _shipped_configs())
-def test_every_shipped_config_passes_the_checks(name, variant, monkeypatch):
-  monkeypatch.syspath_prepend(CONFIGS)  # the sweep configs import their base recipe from the same folder
+def test_every_shipped_config_passes_the_checks(name, variant):
   module = _load_module(os.path.join(CONFIGS, name))
   try:
     config = module.get_config(variant) if variant else module.get_config()
@@ -79,11 +74,7 @@ def test_every_shipped_config_passes_the_checks(name, variant, monkeypatch):
 
 
 def _badnets():
-  sys.path.insert(0, CONFIGS)
-  try:
-    return _load_module(os.path.join(CONFIGS, "badnets.py")).get_config("digits")
-  finally:
-    sys.path.remove(CONFIGS)
+  return _load_module(os.path.join(CONFIGS, "badnets.py")).get_config("digits")
 
 
 @pytest.mark.parametrize("key, value, fragment", [
