@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from backdoor_jax.defenses import common, registry
+from backdoor_jax.defenses import common, training, registry
 from backdoor_jax.errors import ConfigError
 
 
@@ -52,7 +52,7 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
     ok = [r for r in curve if r["val_accuracy"] >= base - float(cfg.max_val_drop)]
     chosen = ok[-1]
     pruned = common.with_prune_mask(ctx.variables, layer, mask_for(order, chosen["fraction"]))
-    tuned = common.finetune(ctx, pruned, ctx.val_images, ctx.val_labels, epochs=int(cfg.finetune_epochs),
+    tuned = training.finetune(ctx, pruned, ctx.val_images, ctx.val_labels, epochs=int(cfg.finetune_epochs),
                             lr=float(cfg.finetune_lr), batch_size=int(cfg.finetune_batch_size), seed=ctx.seed)
     after = common.evaluate(ctx, tuned)
     after["val_accuracy"] = common.accuracy(common.logits(ctx, tuned, ctx.val_images), ctx.val_labels)

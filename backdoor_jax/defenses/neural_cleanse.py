@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from backdoor_jax.defenses import common, registry
+from backdoor_jax.defenses import common, training, registry
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import steps
 
@@ -176,7 +176,7 @@ def unlearn(ctx: common.DefenseContext, variables: Any, mask: np.ndarray, patter
     pick = jax.random.uniform(key, (x.shape[0],)) < frac
     return jnp.where(pick[:, None, None, None], stamp(x, m, p), x), y
 
-  return common.finetune(ctx, variables, ctx.val_images, ctx.val_labels, epochs=int(cfg.unlearn_epochs),
+  return training.finetune(ctx, variables, ctx.val_images, ctx.val_labels, epochs=int(cfg.unlearn_epochs),
                          lr=float(cfg.unlearn_lr), batch_size=int(cfg.unlearn_batch_size), seed=ctx.seed,
                          batch_transform=transform)
 

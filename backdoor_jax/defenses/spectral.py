@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from backdoor_jax.defenses import common, registry
+from backdoor_jax.defenses import common, training, registry
 from backdoor_jax.defenses.activation_clustering import detection_rates
 from backdoor_jax.errors import ConfigError
 
@@ -57,7 +57,7 @@ def run(ctx: common.DefenseContext, out_dir: str) -> dict[str, Any]:
   if cfg.retrain:
     keep = ~removed
     with common.Timer() as t:
-      variables = common.retrain(ctx, ctx.exp.train_images[keep], labels[keep], int(cfg.retrain_epochs))
+      variables = training.retrain(ctx, ctx.exp.train_images[keep], labels[keep], int(cfg.retrain_epochs))
     rec["after_retraining"] = common.evaluate(ctx, variables, name="retrained")
     rec["retrain_epochs"] = int(cfg.retrain_epochs) or int(ctx.run.config.train.epochs)
     rec["retrain_seconds"] = t.seconds
