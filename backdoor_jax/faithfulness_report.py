@@ -32,6 +32,7 @@ from backdoor_jax.data import pipeline
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.experiment import build_experiment
 from backdoor_jax.explain import faithfulness as F
+from backdoor_jax.explain import sanity as S
 from backdoor_jax.explain import layers as layer_lib
 from backdoor_jax.explain.gradcam import gradcam_maps
 from backdoor_jax.train import restore, steps
@@ -130,14 +131,14 @@ def evaluate_faithfulness(apply_fn: Callable[[Any, jax.Array], jax.Array], varia
       curves[name] = np.asarray(c.fractions)
     add("region_perturbation_aopc", F.aopc(runs["region_perturbation"]), valid)
     if s.randomization:
-      r = F.randomization_test(maps_fn, variables, x, pred, layers=layers, key=jax.random.fold_in(key, 10_000 + i),
+      r = S.randomization_test(maps_fn, variables, x, pred, layers=layers, key=jax.random.fold_in(key, 10_000 + i),
                                random_variables=random_variables, similarity=s.similarity)
       rand_labels = list(r.labels)
       for name, v in r.similarity.items():
         add("randomization_" + name, np.asarray(v).T, valid)  # (B, L + 1)
     if s.random_logit:
       num_classes = int(jax.eval_shape(lambda v, a: apply_fn(v, a), variables, x).shape[-1])
-      rl = F.random_logit_test(maps_fn, variables, x, pred, num_classes, jax.random.fold_in(key, 20_000 + i),
+      rl = S.random_logit_test(maps_fn, variables, x, pred, num_classes, jax.random.fold_in(key, 20_000 + i),
                                similarity=s.similarity)
       for name, v in rl.similarity.items():
         add("random_logit_" + name, v, valid)

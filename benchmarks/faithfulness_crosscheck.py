@@ -54,6 +54,7 @@ def jax_side(work: str) -> dict[str, np.ndarray]:
   import jax.numpy as jnp
 
   from backdoor_jax.explain import faithfulness as F
+  from backdoor_jax.explain import sanity as S
 
   wts = make_weights()
   data = np.load(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gtsrb32.npz"))
@@ -112,7 +113,7 @@ def jax_side(work: str) -> dict[str, np.ndarray]:
                                                             - a.min(axis=(1, 2), keepdims=True))
   a, b = norm(m_np).astype(np.float32), norm(other).astype(np.float32)
   out["sim_a"], out["sim_b"] = a, b
-  for name, v in F.similarities(jnp.asarray(a), jnp.asarray(b)).items():
+  for name, v in S.similarities(jnp.asarray(a), jnp.asarray(b)).items():
     out["sim_" + name] = np.asarray(v)
   return out
 

@@ -10,6 +10,7 @@ import scipy.stats
 from backdoor_jax import models
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.explain import faithfulness as F
+from backdoor_jax.explain import sanity as S
 from backdoor_jax.explain.gradcam import gradcam_maps
 
 B, H, W, C = 4, 8, 8, 3
@@ -178,10 +179,10 @@ def test_similarities_against_scipy_and_a_windowed_ssim_loop():
   b = (a + 0.3 * rng.uniform(size=a.shape)).astype(np.float32)
   a[0, :4] = 0.0  # ties
   b[0, 2:5] = 0.0
-  sp = np.asarray(F.spearman(jnp.asarray(a), jnp.asarray(b)))
+  sp = np.asarray(S.spearman(jnp.asarray(a), jnp.asarray(b)))
   np.testing.assert_allclose(sp, [scipy.stats.spearmanr(a[i].ravel(), b[i].ravel())[0] for i in range(3)],
                              atol=1e-5)
-  pe = np.asarray(F.pearson(jnp.asarray(a), jnp.asarray(b)))
+  pe = np.asarray(S.pearson(jnp.asarray(a), jnp.asarray(b)))
   np.testing.assert_allclose(pe, [scipy.stats.pearsonr(a[i].ravel(), b[i].ravel())[0] for i in range(3)], atol=1e-5)
   want = []
   for i in range(3):
@@ -193,11 +194,11 @@ def test_similarities_against_scipy_and_a_windowed_ssim_loop():
         vals.append((2 * p.mean() * q.mean() + 1e-4) * (2 * cov[0, 1] + 9e-4)
                     / ((p.mean() ** 2 + q.mean() ** 2 + 1e-4) * (cov[0, 0] + cov[1, 1] + 9e-4)))
     want.append(np.mean(vals))
-  np.testing.assert_allclose(F.ssim(jnp.asarray(a), jnp.asarray(b)), want, atol=1e-5)
-  same = F.similarities(jnp.asarray(a), jnp.asarray(a))
+  np.testing.assert_allclose(S.ssim(jnp.asarray(a), jnp.asarray(b)), want, atol=1e-5)
+  same = S.similarities(jnp.asarray(a), jnp.asarray(a))
   for v in same.values():
     np.testing.assert_allclose(v, 1.0, atol=1e-5)
-  const = F.similarities(jnp.zeros((1, H, W)), jnp.asarray(a[:1]), ("spearman", "pearson"))
+  const = S.similarities(jnp.zeros((1, H, W)), jnp.asarray(a[:1]), ("spearman", "pearson"))
   assert float(const["spearman"][0]) == 0.0 and float(const["pearson"][0]) == 0.0
 
 
@@ -215,7 +216,7 @@ def test_randomization_test_on_gradcam(tiny_cnn):
   t = jnp.argmax(model.apply(variables, x, train=False), -1)
   layers = list(reversed(list(variables["params"])))
   assert layers[0] == "fc"
-  res = F.randomization_test(maps_fn, variables, x, t, layers=layers, key=jax.random.key(5))
+  res = S.randomization_test(maps_fn, variables, x, t, layers=layers, key=jax.random.key(5))
   assert res.labels == ("none",) + tuple(layers)
   for name, sim in res.similarity.items():
     sim = np.asarray(sim)
@@ -224,11 +225,11 @@ def test_randomization_test_on_gradcam(tiny_cnn):
     assert np.mean(sim[1]) < 0.999, name  # a new last layer changes Grad-CAM's channel weights
   # Re-initialising from a fresh init replaces the layer's subtree (params and BatchNorm statistics).
   fresh = models.init_variables(model, jax.random.key(9), (1, 8, 8, 3))
-  rand = F.randomize_layers(variables, ["fc"], jax.random.key(0), fresh)
+  rand = S.randomize_layers(variables, ["fc"], jax.random.key(0), fresh)
   assert rand["params"]["fc"] is fresh["params"]["fc"]
   assert rand["params"]["block1"] is variables["params"]["block1"]
   with pytest.raises(ConfigError, match="unknown layer 'head'"):
-    F.randomization_test(maps_fn, variables, x, t, layers=["head"], key=jax.random.key(0))
+    S.randomization_test(maps_fn, variables, x, t, layers=["head"], key=jax.random.key(0))
 
 
 def test_random_logit_test_separates_class_specific_maps():
@@ -239,10 +240,10 @@ def test_random_logit_test_separates_class_specific_maps():
     return jnp.sum(x, -1) * v[t]  # (B, H, W)
 
   x = images()
-  res = F.random_logit_test(maps_fn, wts, x, TARGETS, 2, jax.random.key(0))
+  res = S.random_logit_test(maps_fn, wts, x, TARGETS, 2, jax.random.key(0))
   np.testing.assert_array_equal(res.labels, 1)  # the only other class
   assert np.all(np.asarray(res.similarity["pearson"]) < 0)
-  same = F.random_logit_test(lambda v, x, t: jnp.sum(x, -1), wts, x, TARGETS, 2, jax.random.key(0))
+  same = S.random_logit_test(lambda v, x, t: jnp.sum(x, -1), wts, x, TARGETS, 2, jax.random.key(0))
   np.testing.assert_allclose(same.similarity["spearman"], 1.0, atol=1e-5)
 
 
