@@ -187,7 +187,7 @@ def build_streamed_experiment(config: config_dict.ConfigDict) -> tuple[Experimen
   Raises:
     ConfigError: settings streaming cannot honour (``poison.adv_eps``), or any invalid one.
   """
-  from backdoor_jax.data import streaming  # grain / tfds are imported only when streaming
+  from backdoor_jax.data import records, streaming  # grain / tfds are imported only when streaming
   c = config
   models.get_model(c.model.name, 10, **model_kwargs(c))
   compute_dtype(c)
@@ -207,10 +207,10 @@ def build_streamed_experiment(config: config_dict.ConfigDict) -> tuple[Experimen
       trigger=None if phase == "test_only" else trig, poison_key=keys["poison"], target=p.target, mode=p.mode,
       cross_ratio=triggers.cross_ratio_from_config(c.trigger) if phase != "test_only" else 0.0,
       apply_at_size=apply_at, adv_eps=p.get("adv_eps", 0.0) or 0.0, **amount)
-  test = streaming.open_split(c.data.name, split="test", path=c.data.path or None, data_dir=c.data.data_dir or None,
+  test = records.open_split(c.data.name, split="test", path=c.data.path or None, data_dir=c.data.data_dir or None,
                               image_size=apply_at or size, max_examples=c.data.max_test or None, seed=data_seed(c),
                               class_names=data.class_names, stats=(data.mean, data.std))
-  test_images, test_labels = streaming.read_split(test)
+  test_images, test_labels = records.read_split(test)
   tx, ty, src = poison.poison_test_set(test_images, test_labels, trig, target=p.target, mode=p.mode,
                                        num_classes=data.num_classes, apply=phase != "train_only")
   if apply_at and apply_at != size:

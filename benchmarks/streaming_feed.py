@@ -58,7 +58,7 @@ def measure(kind: str, folder: str, image_size: int, batch: int, epochs: int, th
   import numpy as np
 
   from backdoor_jax import poison, triggers
-  from backdoor_jax.data import pipeline, streaming
+  from backdoor_jax.data import pipeline, records, streaming
   from backdoor_jax.train import feed
   from benchmarks import common
 
@@ -67,9 +67,9 @@ def measure(kind: str, folder: str, image_size: int, batch: int, epochs: int, th
   settings = dict(target=0, mode="all_to_one", rate=0.1)
   t0 = time.perf_counter()
   if kind == "memory":
-    source = streaming.open_split("folder", split="train", path=folder, data_dir=None, image_size=image_size,
+    source = records.open_split("folder", split="train", path=folder, data_dir=None, image_size=image_size,
                                   max_examples=None, seed=0)
-    images, labels = streaming.read_split(source, threads)
+    images, labels = records.read_split(source, threads)
     images, labels, _ = poison.poison_train_set(key, images, labels, trig, num_classes=source.num_classes,
                                                 **settings)
     data = feed.process_data(images, labels)

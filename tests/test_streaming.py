@@ -14,7 +14,7 @@ from PIL import Image
 
 from backdoor_jax import poison, triggers
 from backdoor_jax.data import images as image_lib
-from backdoor_jax.data import load_dataset, pipeline, streaming, tfds_sources
+from backdoor_jax.data import load_dataset, pipeline, records, streaming, tfds_sources
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.train import feed
 from backdoor_jax.train import mesh as mesh_lib
@@ -123,12 +123,12 @@ def test_folder_stream_matches_in_memory(tmp_path, monkeypatch, kind, num_shards
 
 def test_folder_test_split_and_stats(tmp_path):
   _write_dataset(str(tmp_path))
-  train = streaming.open_split("folder", split="train", path=str(tmp_path), data_dir=None, image_size=12,
+  train = records.open_split("folder", split="train", path=str(tmp_path), data_dir=None, image_size=12,
                                max_examples=None, seed=0)
   assert train.class_names == ("class_0", "class_1", "class_2") and len(train) == 48
-  test = streaming.open_split("folder", split="test", path=str(tmp_path), data_dir=None, image_size=12,
+  test = records.open_split("folder", split="test", path=str(tmp_path), data_dir=None, image_size=12,
                               max_examples=None, seed=0, class_names=train.class_names, stats=(train.mean, train.std))
-  images, labels = streaming.read_split(test)
+  images, labels = records.read_split(test)
   arrays = np.load(tmp_path / "data.npz")
   np.testing.assert_array_equal(labels, arrays["test_labels"])
   ref = load_dataset("npz", path=str(tmp_path / "data.npz"), image_size=12)
@@ -188,7 +188,7 @@ def test_prepared_tfds_reads_labels_without_decoding_images(tmp_path, monkeypatc
   StreamTestImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
   monkeypatch.setitem(tfds_sources.SPECS, "stream_test", tfds_sources.TfdsSpec(
       "stream_test_images", "train", "test", (0.5,) * 3, (0.25,) * 3))
-  monkeypatch.setattr(streaming, "STREAM_SOURCES", (*streaming.STREAM_SOURCES, "stream_test"))
+  monkeypatch.setattr(records, "STREAM_SOURCES", (*records.STREAM_SOURCES, "stream_test"))
   decoded = []
   original = tfds.features.Image.decode_example_np
   monkeypatch.setattr(tfds.features.Image, "decode_example_np", lambda self, b: decoded.append(1) or original(self, b))
@@ -200,9 +200,9 @@ def test_prepared_tfds_reads_labels_without_decoding_images(tmp_path, monkeypatc
   assert "decodes every image" not in caplog.text and not decoded  # labels only: no image decoded
   stream.take(np.arange(3))
   assert len(decoded) == 3  # (the spy does see decoding)
-  records = tfds.data_source("stream_test_images", split="train", data_dir=data_dir)  # decoded, in file order
-  images = np.stack([records[i]["image"] for i in range(len(records))])
-  labels = np.asarray([records[i]["label"] for i in range(len(records))])
+  source = tfds.data_source("stream_test_images", split="train", data_dir=data_dir)  # decoded, in file order
+  images = np.stack([source[i]["image"] for i in range(len(source))])
+  labels = np.asarray([source[i]["label"] for i in range(len(source))])
   made = StreamTestImages.arrays(24, 0)[0]  # preparing shuffled the records: the same set, another order
   assert sorted(map(bytes, images)) == sorted(map(bytes, made))
   x, y, _ = poison.poison_train_set(KEY, image_lib.convert_images(images, 16), labels.astype(np.int32), trig,
@@ -217,7 +217,7 @@ def test_run_epoch_over_the_stream(tmp_path):
   stream = streaming.process_data_from_config(
       "folder", path=str(tmp_path), data_dir=None, image_size=12, seed=0, max_train=None, num_shards=2,
       trigger=trig, poison_key=KEY, target=0, mode="all_to_one", rate=0.1, num_threads=2)
-  memory = feed.process_data(*streaming.read_split(stream.source), num_shards=2)
+  memory = feed.process_data(*records.read_split(stream.source), num_shards=2)
   x, y, _ = poison.poison_train_set(KEY, memory.images, memory.labels, trig, target=0, mode="all_to_one",
                                     num_classes=3, rate=0.1)
   memory = feed.process_data(x, y, num_shards=2)
@@ -251,7 +251,7 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
   with pytest.raises(ConfigError, match="unknown dataset with data.stream=True 'digits'"):
     streaming.process_data_from_config("digits", image_size=12, trigger=trig, **kw)
   with pytest.raises(ConfigError, match="does not exist"):
-    streaming.folder_source(str(tmp_path / "nowhere"), image_size=12)
+    records.folder_source(str(tmp_path / "nowhere"), image_size=12)
   stream = streaming.process_data_from_config("folder", image_size=12, trigger=None, **kw)  # clean feed
   assert not stream.is_poisoned.any() and stream.num_poisoned == 0
   with pytest.raises(ValueError, match="does not hold rows"):

@@ -279,3 +279,24 @@ def default_flip(dataset_name: str) -> bool:
   """
   check_choice("dataset", dataset_name, DATASET_NAMES)
   return dataset_name not in _NO_FLIP
+
+
+def process_rows(num_examples: int, num_shards: int) -> np.ndarray:
+  """The global training rows this process feeds (``train.feed.process_data``'s ``rows``).
+
+  All rows when ``num_shards == 1``; otherwise the rows of shards ``p*k .. p*k + k - 1``
+  (``k = num_shards // process_count``, ``p`` this process), sorted.
+
+  Raises:
+    ConfigError: ``num_shards`` is not 1 or a multiple of the process count.
+  """
+  procs = jax.process_count()
+  if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
+    raise ConfigError(f"data.num_shards={num_shards!r} is invalid; allowed: an integer >= 1")
+  if num_shards > 1 and num_shards % procs:
+    raise ConfigError(f"data.num_shards={num_shards} must be 1 or a multiple of the process count {procs}")
+  if num_shards == 1:
+    return np.arange(num_examples, dtype=np.int64)
+  k = num_shards // procs
+  mine = range(jax.process_index() * k, (jax.process_index() + 1) * k)
+  return np.sort(np.concatenate([shard_rows(num_examples, num_shards, s) for s in mine]))

@@ -76,17 +76,10 @@ def process_data(images: np.ndarray, labels: np.ndarray, num_shards: int = 1) ->
   Raises:
     ConfigError: ``num_shards`` is not 1 or a multiple of the process count.
   """
-  n, procs = len(labels), jax.process_count()
-  if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
-    raise ConfigError(f"data.num_shards={num_shards!r} is invalid; allowed: an integer >= 1")
-  if num_shards > 1 and num_shards % procs:
-    raise ConfigError(f"data.num_shards={num_shards} must be 1 or a multiple of the process count {procs}")
+  n = len(labels)
+  rows = pipeline.process_rows(n, num_shards)
   if num_shards == 1:
-    rows = np.arange(n, dtype=np.int64)
     return ProcessData(images, labels, rows, n, 1)
-  k = num_shards // procs
-  mine = range(jax.process_index() * k, (jax.process_index() + 1) * k)
-  rows = np.sort(np.concatenate([pipeline.shard_rows(n, num_shards, s) for s in mine]))
   return ProcessData(np.ascontiguousarray(images[rows]), np.asarray(labels)[rows], rows, n, num_shards)
 
 
