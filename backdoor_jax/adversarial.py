@@ -4,7 +4,7 @@ The robust model is the surrogate of the label-consistent attack (Turner et al.,
 PGD against an adversarially trained network moves an image towards other classes in a
 way that also confuses a *different* network trained later, so the poisoned target-class
 images are hard to learn from their content and the model leans on the trigger. PGD
-against a non-robust surrogate (e.g. :func:`backdoor_jax.poison.fit_linear_surrogate`)
+against a non-robust surrogate (e.g. :func:`backdoor_jax.clean_label.fit_linear_surrogate`)
 transfers poorly.
 
 Everything is in pixel units: images are floats in ``[0, 255]``, ``eps`` and step sizes

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from backdoor_jax import models, poison, triggers
+from backdoor_jax import clean_label, models, poison, triggers
 from backdoor_jax.data import images as image_lib
 from backdoor_jax.data import load_dataset
 from backdoor_jax.data.sources import ImageDataset
@@ -75,7 +75,7 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   at that size, poisoned there, then every image is resized to ``data.image_size``;
   ``exp.trigger`` is then the trigger at that size), ``adv_eps``/``adv_steps``
   (PGD before the trigger, for clean-label poisoning, against ``surrogate``: see
-  :func:`backdoor_jax.poison.surrogate_from_config`).
+  :func:`backdoor_jax.clean_label.surrogate_from_config`).
   The WaNet noise mode (``trigger.wanet.cross_ratio``) is drawn once, here.
 
   Raises:
@@ -107,10 +107,10 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   perturb = None
   adv_eps = p.get("adv_eps", 0.0) or 0.0
   if adv_eps and phase != "test_only":
-    surrogate = poison.surrogate_from_config(p, ds.train_images, ds.train_labels, ds.num_classes,
+    surrogate = clean_label.surrogate_from_config(p, ds.train_images, ds.train_labels, ds.num_classes,
                                              jax.random.fold_in(keys["poison"], 3),
                                              steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std)))
-    perturb = poison.make_pgd_perturbation(surrogate, eps=adv_eps, steps=p.get("adv_steps", 10))
+    perturb = clean_label.make_pgd_perturbation(surrogate, eps=adv_eps, steps=p.get("adv_steps", 10))
   if phase == "test_only":
     poison.choose_poison_indices(keys["poison"], ds.train_labels, target=p.target, mode=p.mode,
                                  num_classes=ds.num_classes, **amount)  # validates the settings only

@@ -227,19 +227,19 @@ def poison_multilabel(key: chex.PRNGKey, images: Any, labels: Any, trigger: Any,
   check_trigger(trigger)
   labels_np = check_label_matrix(labels, None, None)
   target = _check_target(target_label, labels_np.shape[1])
-  images_np = poison_lib._check_images(images, labels_np[:, 0], trigger)  # pylint: disable=protected-access
-  chunk_size = poison_lib._check_chunk_size(chunk_size)  # pylint: disable=protected-access
+  images_np = poison_lib.check_images(images, labels_np[:, 0], trigger)
+  chunk_size = poison_lib.check_chunk_size(chunk_size)
   n = poison_lib.num_poison_samples(labels_np.shape[0], rate=rate, count=count)
   pool = np.flatnonzero(labels_np[:, target] == 0)
   if n > pool.size:
     raise ConfigError(f"poisoning {n} of {labels_np.shape[0]} images needs that many without label {target}, but "
                       f"only {pool.size} lack it; allowed: at most {pool.size}")
-  idx = poison_lib._sample_without_replacement(key, pool, n)  # pylint: disable=protected-access
+  idx = poison_lib.sample_without_replacement(key, pool, n)
   out_images = np.array(images_np, copy=True)
   out_labels = np.array(labels_np, copy=True)
   is_poisoned = np.zeros(labels_np.shape[0], bool)
   if idx.size:
-    out_images[idx] = poison_lib._apply_in_chunks(trigger, images_np[idx], chunk_size)  # pylint: disable=protected-access
+    out_images[idx] = poison_lib.apply_in_chunks(trigger, images_np[idx], chunk_size)
     out_labels[idx, target] = 1
     is_poisoned[idx] = True
   return out_images, out_labels, is_poisoned
@@ -256,9 +256,9 @@ def attack_test_set(images: Any, labels: Any, trigger: Any, *, target_label: int
   check_trigger(trigger)
   labels_np = check_label_matrix(labels, None, None)
   target = _check_target(target_label, labels_np.shape[1])
-  images_np = poison_lib._check_images(images, labels_np[:, 0], trigger)  # pylint: disable=protected-access
+  images_np = poison_lib.check_images(images, labels_np[:, 0], trigger)
   source = np.flatnonzero(labels_np[:, target] == 0).astype(np.int64)
-  out = poison_lib._apply_in_chunks(trigger, images_np[source], chunk_size)  # pylint: disable=protected-access
+  out = poison_lib.apply_in_chunks(trigger, images_np[source], chunk_size)
   return out, labels_np[source], source
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from backdoor_jax import adversarial, experiment, poison, triggers
+from backdoor_jax import adversarial, clean_label, experiment, poison, triggers
 from backdoor_jax.configs import badnets
 from backdoor_jax.data import load_dataset
 from backdoor_jax.errors import ConfigError
@@ -76,8 +76,8 @@ def _toy(n=96, seed=0):
 
 def test_label_consistent_keeps_labels_and_poisons_half_the_target_class_within_eps():
   images, labels = _toy()
-  fn = poison.fit_linear_surrogate(images, labels, 3, jax.random.key(0), steps=20)
-  perturb = poison.make_pgd_perturbation(fn, eps=16.0, steps=4)
+  fn = clean_label.fit_linear_surrogate(images, labels, 3, jax.random.key(0), steps=20)
+  perturb = clean_label.make_pgd_perturbation(fn, eps=16.0, steps=4)
   trig = make_four_corner_trigger((32, 32), size=3)
   n_target = int(np.sum(labels == 1))
   x, y, is_p = poison.poison_train_set(jax.random.key(3), images, labels, trig, count=n_target // 2, target=1,
@@ -108,7 +108,7 @@ def test_adversarial_surrogate_trains_once_and_is_cached(tmp_path):
     adversarial.adversarial_train(images, labels, 3, jax.random.key(0), spec,
                                   adversarial.AdvTrainConfig(eps=0.0))
   with pytest.raises(ConfigError, match="poison.surrogate 'robust'"):
-    poison.surrogate_from_config({"surrogate": "robust"}, images, labels, 3, jax.random.key(0), spec)
+    clean_label.surrogate_from_config({"surrogate": "robust"}, images, labels, 3, jax.random.key(0), spec)
 
 
 @pytest.mark.parametrize("base", ["digits", "gtsrb"])

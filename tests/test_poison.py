@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from backdoor_jax import clean_label
 from backdoor_jax import poison as P
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.triggers import apply_trigger, make_patch_trigger
@@ -323,14 +324,14 @@ def test_pgd_perturbation_raises_surrogate_loss_within_budget():
   y = rng.integers(0, 3, 90).astype(np.int32)
   means = np.array([40.0, 128.0, 215.0])
   x = np.clip(means[y][:, None, None, None] + rng.normal(0, 20, (90, 4, 4, 3)), 0, 255).astype(np.uint8)
-  logits_fn = P.fit_linear_surrogate(x, y, 3, _key(0), steps=100)
-  pgd = P.make_pgd_perturbation(logits_fn, eps=16.0, steps=5)
+  logits_fn = clean_label.fit_linear_surrogate(x, y, 3, _key(0), steps=100)
+  pgd = clean_label.make_pgd_perturbation(logits_fn, eps=16.0, steps=5)
   adv = pgd(x, y)
   assert adv.dtype == np.uint8 and np.abs(adv.astype(int) - x).max() <= 16
   ce = lambda im: float(jnp.mean(-jax.nn.log_softmax(logits_fn(jnp.asarray(im, jnp.float32)))[np.arange(90), y]))
   assert ce(adv) > ce(x) + 0.1
   for bad in (0.0, -1.0, 300.0):
-    _raises(repr(bad), P.make_pgd_perturbation, logits_fn, eps=bad)
+    _raises(repr(bad), clean_label.make_pgd_perturbation, logits_fn, eps=bad)
 
 
 def test_count_and_rate_give_the_same_samples(data):
