@@ -54,6 +54,7 @@ def jax_side(work: str) -> dict[str, np.ndarray]:
   import jax.numpy as jnp
 
   from backdoor_jax.explain import faithfulness as F
+  from backdoor_jax.explain import imputation
   from backdoor_jax.explain import sanity as S
 
   wts = make_weights()
@@ -102,7 +103,7 @@ def jax_side(work: str) -> dict[str, np.ndarray]:
                  variables=p)  # default CG tolerance
       scores.append(np.asarray(r.scores[0]))
       removed = [F.road_removed(maps[b:b + 1], f, order) for f in fr]
-      imputed.append(np.stack([np.asarray(F.linear_impute(x[b:b + 1], rm))[0] for rm in removed]))
+      imputed.append(np.stack([np.asarray(imputation.linear_impute(x[b:b + 1], rm))[0] for rm in removed]))
     out[f"road_{order}"] = np.stack(scores)                        # (B, P)
     out[f"impute_{order}"] = np.stack(imputed, axis=1)             # (P, B, H, W, C)
     out[f"road_{order}_counts"] = counts

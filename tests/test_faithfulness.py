@@ -10,6 +10,7 @@ import scipy.stats
 from backdoor_jax import models
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.explain import faithfulness as F
+from backdoor_jax.explain import imputation
 from backdoor_jax.explain import sanity as S
 from backdoor_jax.explain.gradcam import gradcam_maps
 
@@ -144,15 +145,15 @@ def test_linear_imputation_is_exact_on_a_ramp_and_matches_a_dense_solve():
   ramp = np.stack([0.3 * yy + 0.7 * xx + 1.0, -0.2 * yy + 0.1 * xx], -1)[None]
   removed = np.zeros((1, H, W), bool)
   removed[0, 2:6, 1:7] = True  # interior: every removed pixel has all 8 neighbours
-  out = F.linear_impute(jnp.asarray(ramp, jnp.float32), jnp.asarray(removed))
+  out = imputation.linear_impute(jnp.asarray(ramp, jnp.float32), jnp.asarray(removed))
   np.testing.assert_allclose(out, ramp, atol=1e-4)
   rng = np.random.default_rng(0)
   img = rng.uniform(size=(2, H, W, 2))
   rem = rng.uniform(size=(2, H, W)) < 0.7  # border pixels too, most of the image
-  got = np.asarray(F.linear_impute(jnp.asarray(img, jnp.float32), jnp.asarray(rem)))
+  got = np.asarray(imputation.linear_impute(jnp.asarray(img, jnp.float32), jnp.asarray(rem)))
   want = np.stack([dense_impute(img[b], rem[b]) for b in range(2)])
   np.testing.assert_allclose(got, want, atol=1e-4)
-  noisy = F.noisy_linear_impute(jnp.asarray(img, jnp.float32), jnp.asarray(rem), jax.random.key(3), noise=0.5)
+  noisy = imputation.noisy_linear_impute(jnp.asarray(img, jnp.float32), jnp.asarray(rem), jax.random.key(3), noise=0.5)
   np.testing.assert_array_equal(np.asarray(noisy)[~rem], img[~rem].astype(np.float32))  # kept pixels untouched
   assert np.std(np.asarray(noisy)[rem] - got[rem]) > 0.3
 

@@ -16,6 +16,6 @@ from backdoor_jax.explain.metrics import correct_rate, energy_in_region, fooling
 from backdoor_jax.explain.metrics import pointing_game, region_from_trigger, square_region
 from backdoor_jax.explain.overlay import grid_figure  # not `overlay`: that name stays the module
 from backdoor_jax.explain.registry import Method, explanation_maps
-from backdoor_jax.explain.faithfulness import (Curve, aopc, deletion, insertion, linear_impute, noisy_linear_impute,
-                                               region_perturbation, road)
+from backdoor_jax.explain.faithfulness import Curve, aopc, deletion, insertion, region_perturbation, road
+from backdoor_jax.explain.imputation import linear_impute, noisy_linear_impute
 from backdoor_jax.explain.sanity import SanityResult, random_logit_test, randomization_test, similarities
