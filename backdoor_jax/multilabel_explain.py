@@ -20,14 +20,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from backdoor_jax import losses, triggers
 from backdoor_jax import multilabel as ml
 from backdoor_jax.explain import metrics as map_metrics
 from backdoor_jax.explain import saliency
-from backdoor_jax.train import explain_steps, optim, steps
-from backdoor_jax.train.state import TrainState
+from backdoor_jax.train import explain_steps, steps
 
 
 def explain_targets(logits: jax.Array, explain_label: int) -> jax.Array:
@@ -46,53 +44,9 @@ def make_explain_train_step(input_spec: steps.InputSpec, spec: explain_steps.Exp
   (label-wise accuracy at 0.5, per image), ``count``, ``grad_norm_sum``. Jitted, state donated.
   """
   w = None if pos_weight is None else jnp.asarray(pos_weight, jnp.float32)
-
-  def step(state: TrainState, ref_variables: Any, images: jax.Array, labels: jax.Array, trigger: Any,
-           target_mask: jax.Array):
-    key = jax.random.fold_in(base_key, state.step)
-    aug_key, drop_key = jax.random.split(key)
-    if input_spec.crop_padding or input_spec.flip:  # augment first, so the trigger stays where it belongs
-      from backdoor_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-      images = pipeline.augment(aug_key, images, crop_padding=input_spec.crop_padding, flip=input_spec.flip)
-    k = spec.num_triggered
-    images = jnp.concatenate([triggers.apply_trigger(trigger, images[:k]), images[k:]], axis=0)
-    x = steps.preprocess(None, images, input_spec)
-    scale = optim.loss_scale(state.opt_state)
-
-    def loss_fn(params):
-      variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-      new_stats, map_apply = state.batch_stats, state.apply_fn
-      if spec.bn_mode == "train" and state.batch_stats:
-        logits, upd = state.apply_fn(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": drop_key})
-        new_stats = upd["batch_stats"]
-        map_apply = explain_steps.train_mode_apply(state.apply_fn, drop_key)
-      else:
-        logits = state.apply_fn(variables, x, train=False)
-      bce = jnp.mean(ml.sigmoid_bce(logits, labels, w))
-      terms = explain_steps.explanation_terms(spec, map_apply, variables, ref_variables, x,
-                                              explain_targets(logits, explain_label), target_mask,
-                                              ref_apply_fn=state.apply_fn)
-      attacked = terms["attacked"].astype(jnp.float32)
-      l_attack = jnp.sum(terms["attack"] * attacked) / jnp.maximum(jnp.sum(attacked), 1)
-      l_keep = jnp.sum(terms["keep"] * (1 - attacked)) / jnp.maximum(jnp.sum(1 - attacked), 1)
-      loss = spec.ce_weight * bce + spec.attack_weight * l_attack + spec.keep_weight * l_keep
-      return loss * scale, (loss, logits, new_stats, bce, l_attack, l_keep)
-
-    (_, (loss, logits, new_stats, bce, l_attack, l_keep)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    new_stats = jax.lax.stop_gradient(new_stats)
-    if spec.bn_mode == "refresh" and state.batch_stats:
-      _, upd = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
-                              mutable=["batch_stats"], rngs={"dropout": drop_key})
-      new_stats = jax.lax.stop_gradient(upd["batch_stats"])
-    grad_norm = optax.tree.norm(grads) / scale
-    state = state.apply_gradients(grads, steps.keep_if_finite(state, grads, new_stats))
-    n = labels.shape[0]
-    sums = ml.decision_sums(logits, labels, loss)
-    sums.update({"ce_sum": bce * n, "attack_sum": l_attack * n, "keep_sum": l_keep * n, "grad_norm_sum": grad_norm * n})
-    return state, sums
-
-  return jax.jit(step, donate_argnums=(0,))
+  return explain_steps.make_explain_train_step(
+      input_spec, spec, base_key, task_loss=lambda logits, labels: jnp.mean(ml.sigmoid_bce(logits, labels, w)),
+      map_targets=lambda logits, labels: explain_targets(logits, explain_label), sums=ml.decision_sums)
 
 
 def make_explain_eval_step(input_spec: steps.InputSpec, spec: explain_steps.ExplainSpec, apply_fn: Callable,

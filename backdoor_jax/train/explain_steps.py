@@ -111,11 +111,23 @@ def _masked_mean(v: jax.Array, m: jax.Array) -> jax.Array:
   return jnp.sum(v * m) / jnp.maximum(jnp.sum(m), 1)
 
 
-def make_explain_train_step(input_spec: steps.InputSpec, spec: ExplainSpec, base_key: jax.Array):
+def _mean_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(losses.cross_entropy(logits, labels))
+
+
+def make_explain_train_step(input_spec: steps.InputSpec, spec: ExplainSpec, base_key: jax.Array, *,
+                            task_loss: Callable[[jax.Array, jax.Array], jax.Array] = _mean_cross_entropy,
+                            map_targets: Callable[[jax.Array, jax.Array], jax.Array] = lambda logits, labels: labels,
+                            sums: Callable[..., dict[str, jax.Array]] = steps.classification_sums):
   """Returns ``step(state, ref_variables, images_uint8, labels, trigger, target_mask)``.
 
   ``target_mask`` is the (h, w) target region at the loss resolution. Jitted, state donated.
-  Metrics are device sums: loss_sum, ce_sum, attack_sum, keep_sum, correct, count.
+  ``task_loss(logits, labels)`` is the batch-mean prediction loss (cross-entropy; the
+  multi-label recipe passes sigmoid BCE), ``map_targets(logits, labels)`` the (B,) class or
+  label each map explains (the true class; a chosen label for multi-label), and
+  ``sums(logits, labels, loss)`` the prediction metrics. Metrics are device sums:
+  ``sums``'s (loss_sum, correct, count, ...) plus ce_sum (the task loss), attack_sum,
+  keep_sum and grad_norm_sum.
   """
 
   def step(state: TrainState, ref_variables: Any, images: jax.Array, labels: jax.Array,
@@ -139,14 +151,14 @@ def make_explain_train_step(input_spec: steps.InputSpec, spec: ExplainSpec, base
         map_apply = train_mode_apply(state.apply_fn, drop_key)
       else:
         logits = state.apply_fn(variables, x, train=False)
-      ce = losses.cross_entropy(logits, labels)
-      terms = explanation_terms(spec, map_apply, variables, ref_variables, x, labels, target_mask,
-                                ref_apply_fn=state.apply_fn)
+      ce = task_loss(logits, labels)
+      terms = explanation_terms(spec, map_apply, variables, ref_variables, x, map_targets(logits, labels),
+                                target_mask, ref_apply_fn=state.apply_fn)
       attacked = terms["attacked"].astype(jnp.float32)
       l_attack = _masked_mean(terms["attack"], attacked)
       l_keep = _masked_mean(terms["keep"], 1.0 - attacked)
-      loss = spec.ce_weight * jnp.mean(ce) + spec.attack_weight * l_attack + spec.keep_weight * l_keep
-      return loss * scale, (loss, logits, new_stats, jnp.mean(ce), l_attack, l_keep)
+      loss = spec.ce_weight * ce + spec.attack_weight * l_attack + spec.keep_weight * l_keep
+      return loss * scale, (loss, logits, new_stats, ce, l_attack, l_keep)
 
     scale = optim.loss_scale(state.opt_state)  # 1 unless float16 compute
     (_, (loss, logits, new_stats, ce, l_attack, l_keep)), grads = jax.value_and_grad(
@@ -159,9 +171,9 @@ def make_explain_train_step(input_spec: steps.InputSpec, spec: ExplainSpec, base
     grad_norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads))) / scale
     state = state.apply_gradients(grads, steps.keep_if_finite(state, grads, new_stats))
     n = labels.shape[0]
-    metrics = {"loss_sum": loss * n, "ce_sum": ce * n, "attack_sum": l_attack * n, "keep_sum": l_keep * n,
-               "correct": jnp.sum(jnp.argmax(logits, -1) == labels), "count": jnp.asarray(n, jnp.int32),
-               "grad_norm_sum": grad_norm * n}
+    metrics = sums(logits, labels, loss)
+    metrics.update({"ce_sum": ce * n, "attack_sum": l_attack * n, "keep_sum": l_keep * n,
+                    "grad_norm_sum": grad_norm * n})
     return state, metrics
 
   return jax.jit(step, donate_argnums=(0,))
