@@ -25,12 +25,13 @@ import csv
 import dataclasses
 import glob
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
 from backdoor_jax.data import images as image_lib
+from backdoor_jax.data.sources import ImageDataset
 from backdoor_jax.errors import ConfigError, check_choice
 
 NIH_FINDINGS: tuple[str, ...] = (
@@ -48,49 +49,13 @@ MOSAIC_SIZES = (4000, 1000)  # train / test mosaics when max_train / max_test ar
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class MultiLabelDataset:
-  """A multi-label image dataset held in host memory.
+class MultiLabelDataset(ImageDataset):
+  """A multi-label image dataset held in host memory: an ``ImageDataset`` whose labels are
+  int32 ``(N, L)`` 0/1 matrices (column ``j`` = finding ``class_names[j]``) and whose
+  ``num_classes`` is ``L``, the number of labels (one sigmoid output each)."""
 
-  Attributes:
-    name: source name (one of :data:`MULTILABEL_SOURCES`).
-    train_images: uint8 ``(N, H, W, 3)``.
-    train_labels: int32 ``(N, L)`` of 0/1, column ``j`` = finding ``class_names[j]``.
-    test_images: uint8 ``(M, H, W, 3)``.
-    test_labels: int32 ``(M, L)`` of 0/1.
-    num_classes: ``L``, the number of labels (one sigmoid output each).
-    class_names: one name per label.
-    mean: per-channel mean, in [0, 1] pixel units.
-    std: per-channel standard deviation, in [0, 1] pixel units.
-  """
-  name: str
-  train_images: np.ndarray
-  train_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
-  num_classes: int
-  class_names: tuple[str, ...]
-  mean: tuple[float, float, float]
-  std: tuple[float, float, float]
-
-  def __post_init__(self):
-    for split in ("train", "test"):
-      images = getattr(self, f"{split}_images")
-      labels = getattr(self, f"{split}_labels")
-      if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or (
-          images.shape[-1] != 3):
-        raise ValueError(f"{split}_images must be a uint8 (N, H, W, 3) numpy array, got "
-                         f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
-      check_label_matrix(labels, images.shape[0], self.num_classes, f"{split}_labels")
-    if self.train_images.shape[1:] != self.test_images.shape[1:]:
-      raise ValueError(f"train and test images differ in shape: {self.train_images.shape[1:]} vs "
-                       f"{self.test_images.shape[1:]}")
-    if len(self.class_names) != self.num_classes:
-      raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} labels")
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    """``(H, W, 3)`` of every image."""
-    return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+  def check_labels(self, labels: Any, n: int, what: str) -> None:
+    check_label_matrix(labels, n, self.num_classes, what)
 
 
 def check_label_matrix(labels, n: int | None, num_labels: int | None, what: str = "labels") -> np.ndarray:

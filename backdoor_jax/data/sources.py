@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -74,13 +75,7 @@ class ImageDataset:
           images.shape[-1] != 3):
         raise ValueError(f"{split}_images must be a uint8 (N, H, W, 3) numpy array, got "
                          f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
-      if not isinstance(labels, np.ndarray) or labels.dtype != np.int32 or labels.shape != (
-          images.shape[0],):
-        raise ValueError(f"{split}_labels must be an int32 ({images.shape[0]},) numpy array, got "
-                         f"{getattr(labels, 'dtype', type(labels))} {getattr(labels, 'shape', '')}")
-      if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-        raise ValueError(f"{split}_labels must lie in [0, {self.num_classes}), got "
-                         f"{labels.min()}..{labels.max()}")
+      self.check_labels(labels, images.shape[0], f"{split}_labels")
     if self.train_images.shape[1:] != self.test_images.shape[1:]:
       raise ValueError(f"train and test images differ in shape: {self.train_images.shape[1:]} vs "
                        f"{self.test_images.shape[1:]}")
@@ -88,6 +83,14 @@ class ImageDataset:
       raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
     if len(self.mean) != 3 or len(self.std) != 3:
       raise ValueError(f"mean and std need 3 values each, got {self.mean} and {self.std}")
+
+  def check_labels(self, labels: Any, n: int, what: str) -> None:
+    """One split's labels: int32 ``(n,)`` in ``[0, num_classes)`` (multi-label datasets override it)."""
+    if not isinstance(labels, np.ndarray) or labels.dtype != np.int32 or labels.shape != (n,):
+      raise ValueError(f"{what} must be an int32 ({n},) numpy array, got "
+                       f"{getattr(labels, 'dtype', type(labels))} {getattr(labels, 'shape', '')}")
+    if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+      raise ValueError(f"{what} must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
