@@ -139,6 +139,20 @@ class Task:
   from_checkpoint_tree: Callable[[Any, Any], Any] = state_lib.from_checkpoint_tree
 
 
+def per_step_cache(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+  """``fn(state)`` computed once per training step: the last epoch's evaluation, the final
+  results and the figures of the same state share one evaluation pass."""
+  last: dict[str, Any] = {}
+
+  def cached(state: Any) -> Any:
+    step = int(np.max(jax.device_get(state.step)))
+    if last.get("step") != step:
+      last.clear()
+      last.update(step=step, value=fn(state))
+    return last["value"]
+  return cached
+
+
 def rss_bytes() -> int:
   """Current resident set size (Linux /proc), else the peak from getrusage."""
   try:

@@ -85,6 +85,7 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
   train_step = steps.make_train_step(input_spec, keys["step"])
   eval_step = steps.make_eval_step(input_spec, exp.model.apply)
 
+  @engine.per_step_cache
   def run_eval(state):
     bs = c.train.eval_batch_size
     clean = evaluate.evaluate_classifier(eval_step, state.variables, exp.dataset.test_images,
