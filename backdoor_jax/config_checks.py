@@ -25,6 +25,7 @@ from backdoor_jax.errors import ConfigError
 
 MAX_SEED = 2 ** 32 - 1
 SWEEP_GRID = "sweep.grid."
+TABLE_SHARED = "shared."  # attacks x defenses tables: None there means "each attack keeps its own value"
 
 
 class Rule(NamedTuple):
@@ -209,7 +210,51 @@ def check_config(config: config_dict.ConfigDict | dict, rules: tuple[Rule, ...] 
       for v in value:  # every value the grid sets must pass the rules of the key it sets
         _check_leaf(target, v, rules, f"{key} value {v!r}")
       continue
+    if key.startswith(TABLE_SHARED) and value is None:
+      continue
     _check_leaf(key, value, rules, f"{key}={value!r}")
+  if rules is TRAIN_RULES:
+    check_resample(config)
+
+
+RESAMPLE_MODES = ("fixed", "batch")
+
+
+def check_resample(config: config_dict.ConfigDict | dict) -> str:
+  """``poison.resample`` ('fixed' when absent), checked against the settings per-batch poisoning cannot serve.
+
+  ``'fixed'``: one poisoned training set for the run; ``'batch'``: every training batch
+  is poisoned on the fly (``train.online_poison``), in the badnets recipe only.
+
+  Raises:
+    ConfigError: an unknown value, or ``'batch'`` with clean-label poisoning, a count,
+      PGD, ``apply_at_size``, streaming, another recipe or a sweep (ensemble).
+  """
+  poison = config.get("poison") if isinstance(config, (dict, config_dict.ConfigDict)) else None
+  if not isinstance(poison, (dict, config_dict.ConfigDict)):
+    return "fixed"
+  value = poison.get("resample", "fixed")
+  if not isinstance(value, str) or value not in RESAMPLE_MODES:
+    raise ConfigError(f"poison.resample={value!r} is invalid; allowed: 'fixed' (one poisoned training set) or "
+                      "'batch' (a fresh poisoned subset of every training batch)")
+  if value == "fixed":
+    return value
+  data = config.get("data") or {}
+  recipe = config.get("recipe", "badnets")
+  conflicts = (
+      (recipe != "badnets", f"recipe={recipe!r}", "recipe='badnets'"),
+      ("sweep" in config, "a sweep (the ensemble recipe)", "a single badnets run"),
+      (poison.get("mode") == "clean_label", "poison.mode='clean_label'", "poison.mode 'all_to_one' or 'all_to_all'"),
+      (poison.get("count") is not None, f"poison.count={poison.get('count')!r}", "poison.rate (a fraction of every batch)"),
+      (bool(poison.get("adv_eps", 0)), f"poison.adv_eps={poison.get('adv_eps')!r}", "poison.adv_eps=0"),
+      (bool(poison.get("apply_at_size", 0)), f"poison.apply_at_size={poison.get('apply_at_size')!r}",
+       "poison.apply_at_size=0"),
+      (bool(data.get("stream", False)), "data.stream=True", "in-memory data (data.stream=False)"),
+  )
+  for bad, what, allowed in conflicts:
+    if bad:
+      raise ConfigError(f"poison.resample='batch' does not work with {what}; allowed with it: {allowed}")
+  return value
 
 
 def check_defense_config(config: config_dict.ConfigDict | dict) -> None:

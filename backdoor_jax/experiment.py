@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from backdoor_jax import clean_label, models, poison, triggers
+from backdoor_jax import clean_label, config_checks, models, poison, triggers
 from backdoor_jax.data import images as image_lib
 from backdoor_jax.data import load_dataset
 from backdoor_jax.data.sources import ImageDataset
@@ -64,7 +64,7 @@ def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
   return image_lib.convert_images(images, size) if len(images) else np.zeros((0, size, size, 3), np.uint8)
 
 
-def build_experiment(config: config_dict.ConfigDict) -> Experiment:
+def build_experiment(config: config_dict.ConfigDict, *, online_poison: bool = False) -> Experiment:
   """Loads data, validates every user value and poisons the data. No training.
 
   Poisoning options (``config.poison``): ``rate`` or ``count`` (count, when set, wins),
@@ -77,6 +77,9 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   (PGD before the trigger, for clean-label poisoning, against ``surrogate``: see
   :func:`backdoor_jax.clean_label.surrogate_from_config`).
   The WaNet noise mode (``trigger.wanet.cross_ratio``) is drawn once, here.
+  ``resample`` (``'fixed'``, the default: all of the above) or ``'batch'``: the training
+  set stays clean (``is_poisoned`` all False) and the recipe poisons every batch on the
+  fly (``train.online_poison``); only callers that do that pass ``online_poison=True``.
 
   Raises:
     ConfigError: with a one-line message for any invalid setting.
@@ -87,6 +90,10 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   p = c.poison
   phase = p.get("phase", "both")
   check_choice("poison.phase", phase, POISON_PHASES)
+  per_batch = config_checks.check_resample(c) == "batch"
+  if per_batch and not online_poison:
+    raise ConfigError("poison.resample='batch' poisons the batches inside the badnets recipe; this tool needs a "
+                      "poisoned training set; allowed here: poison.resample='fixed'")
   apply_at = p.get("apply_at_size", 0) or 0
   if not isinstance(apply_at, int) or isinstance(apply_at, bool) or apply_at < 0:
     raise ConfigError(f"poison.apply_at_size={apply_at!r} is invalid; allowed: 0 (apply after resizing) or an "
@@ -103,7 +110,7 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
   trig = triggers.trigger_from_config(c.trigger, ds.train_images.shape[1:3], trigger_key)
   count = p.get("count", None)
   amount = {"rate": None, "count": count} if count is not None else {"rate": p.rate}
-  cross_ratio = triggers.cross_ratio_from_config(c.trigger) if phase != "test_only" else 0.0
+  cross_ratio = triggers.cross_ratio_from_config(c.trigger) if phase != "test_only" and not per_batch else 0.0
   perturb = None
   adv_eps = p.get("adv_eps", 0.0) or 0.0
   if adv_eps and phase != "test_only":
@@ -111,7 +118,7 @@ def build_experiment(config: config_dict.ConfigDict) -> Experiment:
                                              jax.random.fold_in(keys["poison"], 3),
                                              steps.InputSpec(mean=tuple(ds.mean), std=tuple(ds.std)))
     perturb = clean_label.make_pgd_perturbation(surrogate, eps=adv_eps, steps=p.get("adv_steps", 10))
-  if phase == "test_only":
+  if phase == "test_only" or per_batch:  # per_batch: the recipe poisons each batch
     poison.choose_poison_indices(keys["poison"], ds.train_labels, target=p.target, mode=p.mode,
                                  num_classes=ds.num_classes, **amount)  # validates the settings only
     x, y, is_p = ds.train_images.copy(), ds.train_labels.copy(), np.zeros(len(ds.train_labels), bool)
@@ -194,6 +201,7 @@ def build_streamed_experiment(config: config_dict.ConfigDict) -> tuple[Experimen
   p = c.poison
   phase = p.get("phase", "both")
   check_choice("poison.phase", phase, POISON_PHASES)
+  config_checks.check_resample(c)  # 'batch' needs the training set in memory
   apply_at, size = int(p.get("apply_at_size", 0) or 0), c.data.image_size
   if not isinstance(size, int) or isinstance(size, bool) or size < 1:
     raise ConfigError(f"data.image_size={size!r} is invalid with data.stream=True; allowed: a side in pixels >= 1")

@@ -3,6 +3,11 @@
 ``get_config(variant)``; the variants and launch commands are listed in ``configs/badnets.py``.
 ``digits_KIND`` / ``gtsrb_KIND`` is the digits / GTSRB recipe with any registered trigger kind
 (its default section from :func:`backdoor_jax.triggers.default_config`).
+``VARIANT_batch`` is any variant with ``poison.resample = 'batch'``: a fresh poisoned subset of
+every training batch (``train.online_poison``; the WaNet reference's threat model) instead of one
+poisoned set drawn before training. ``gtsrb_wanet_batch`` is WaNet with its published settings
+(k=4, s=0.5, noise mode with cross_ratio 2, 10% of each batch); its clean baseline is the same
+command with ``--config.poison.rate=0``.
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ from backdoor_jax.errors import ConfigError
 # digits_KIND / gtsrb_KIND variants listed in the launch file's docstring (any registered kind works too).
 VARIANTS = ("digits", "gtsrb", "cifar10", "digits_blend", "digits_wanet", "digits_filter", "digits_moire",
             "digits_clean_label", "digits_ssba", "digits_checkerboard", "digits_noise_patch", "gtsrb_blend",
-            "gtsrb_wanet", "gtsrb_filter", "gtsrb_moire", "digits_label_consistent", "gtsrb_label_consistent")
+            "gtsrb_wanet", "gtsrb_filter", "gtsrb_moire", "digits_label_consistent", "gtsrb_label_consistent",
+            "digits_wanet_batch", "gtsrb_wanet_batch")
+BATCH_SUFFIX = "_batch"  # any variant + this suffix: per-batch poisoning
 
 
 def use_trigger(c: config_dict.ConfigDict, kind: str, **options) -> config_dict.ConfigDict:
@@ -28,6 +35,10 @@ def use_trigger(c: config_dict.ConfigDict, kind: str, **options) -> config_dict.
 
 def get_config(variant: str = "digits") -> config_dict.ConfigDict:
   """Returns the resolved config of one variant."""
+  if variant.endswith(BATCH_SUFFIX) and len(variant) > len(BATCH_SUFFIX):
+    c = get_config(variant[:-len(BATCH_SUFFIX)])
+    c.poison.resample = "batch"  # absent from other variants: their config.json (and resume) stay as they were
+    return c
   c = config_dict.ConfigDict()
   c.seed = 0
 

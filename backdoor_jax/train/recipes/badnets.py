@@ -14,9 +14,9 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from backdoor_jax import evaluate, experiment, figures, models
+from backdoor_jax import config_checks, evaluate, experiment, figures, models, triggers
 from backdoor_jax.errors import ConfigError
-from backdoor_jax.train import engine, feed, init_weights, optim, steps
+from backdoor_jax.train import engine, feed, init_weights, online_poison, optim, steps
 from backdoor_jax.train import mesh as mesh_lib
 from backdoor_jax.train import state as state_lib
 from backdoor_jax.train.recipes import registry
@@ -56,7 +56,7 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
   if c.data.get("stream", False):  # the training set stays on disk; batches are read and poisoned on demand
     exp, data = experiment.build_streamed_experiment(c)
   else:
-    exp = experiment.build_experiment(c)
+    exp = experiment.build_experiment(c, online_poison=True)
     data = feed.process_data(exp.train_images, exp.train_labels, c.data.get("num_shards", 1))  # this process's rows
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_global_batch(c.train.batch_size, mesh)
@@ -68,8 +68,16 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
     exp = dataclasses.replace(exp, train_images=data.images, train_labels=data.labels,
                               is_poisoned=exp.is_poisoned[data.rows])
   batches = feed.ArrayFeed(data, mesh, int(c.train.batch_size), int(c.seed))
-
   keys = experiment.run_keys(c.seed)
+  resample = config_checks.check_resample(c)
+  per_epoch_poison = {"poisoned_per_epoch": n_poisoned}
+  if resample == "batch" and c.poison.get("phase", "both") != "test_only":
+    batches = online_poison.online_feed(batches, mesh_lib.replicate(mesh, exp.trigger), c, exp.dataset.num_classes,
+                                        jax.random.fold_in(keys["poison"], 4), triggers.cross_ratio_from_config(c.trigger))
+    per_epoch_poison = batches.per_epoch_counts()
+    logging.info("poison.resample='batch': %d poisoned + %d cross images drawn afresh in every batch of %d",
+                 batches.spec.num_poison, batches.spec.num_cross, c.train.batch_size)
+
   input_spec, init_vars = initial_variables(exp, keys["init"])
   exp = dataclasses.replace(exp, input_spec=input_spec)  # the checkpoint records the normalisation used
   tx, schedule = optim.make_optimizer(c.train, batches.steps_per_epoch, init_vars["params"])
@@ -103,7 +111,8 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
     weak = experiment.weak_trigger_mask(exp)
     hit = attack["predictions"] == exp.test_attack_labels
     return {**classifier_metrics(exp, clean, attack), "clean_top5_accuracy": clean["top5_accuracy"],
-            "num_poisoned": n_poisoned, "weak_trigger_fraction": float(weak.mean()) if len(weak) else 0.0,
+            "num_poisoned": n_poisoned, "poison_resample": resample, **per_epoch_poison,
+            "weak_trigger_fraction": float(weak.mean()) if len(weak) else 0.0,
             "attack_success_rate_visible": float(hit[~weak].mean()) if len(hit) and (~weak).any() else None,
             "num_train": n_train, "num_test": clean["count"], "num_attack_test": attack["count"],
             "num_params": n_params, "num_trainable_params": n_trainable}
