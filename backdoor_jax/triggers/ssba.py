@@ -7,9 +7,8 @@ a decoder learns to read the bits back. Each poisoned image gets its *own* resid
 * :class:`StegaEncoder`: ``(image in [0, 1], bits)`` -> residual in pixel units,
   ``max_residual * tanh(.)``; the bits enter as a dense map upsampled to the image.
 * :class:`StegaDecoder`: image -> bit logits.
-* :func:`train_stega`: trains both on clean images with random bit strings,
-  loss = BCE(decoded bits) + ``residual_weight`` * mean squared residual (in [0, 1]
-  units), Adam, deterministic from a key.
+* :func:`backdoor_jax.triggers.ssba_train.train_encoder_file` trains both on clean
+  images with random bit strings (a resumable job, see :mod:`ssba_train`).
 * :class:`SSBATrigger`: the encoder's parameters plus the fixed bit string (a pytree,
   jit-able like every trigger): ``x' = clip(x + encoder(x, bits), 0, 255)``.
 
@@ -19,6 +18,8 @@ Trained encoders are saved with :func:`save_encoder` (``.npz``) and loaded by
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 from typing import Any
 
@@ -28,9 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from backdoor_jax.errors import ConfigError
+from backdoor_jax.io import write_bytes_atomic
 from backdoor_jax.triggers.base import TriggerBase
 from backdoor_jax.triggers.registry import TriggerArgs, register_trigger
 
@@ -97,67 +98,26 @@ class SSBATrigger(TriggerBase):
     return jnp.clip(x + residual, 0.0, 255.0)
 
 
-def train_stega(images: np.ndarray, key: chex.PRNGKey, *, num_bits: int = 16, steps: int = 1500,
-                batch_size: int = 64, lr: float = 1e-3, max_residual: float = 8.0,
-                residual_weight: float = 2.0, features: int = 32) -> tuple[Any, Any, dict[str, float]]:
-  """Trains encoder and decoder on ``images`` (uint8 ``(N, H, W, 3)``, H and W divisible by 4).
-
-  Returns:
-    ``(encoder_params, decoder_params, info)`` with ``info`` the final bit accuracy on
-    random bit strings and the mean PSNR (dB) of encoded vs clean images (both on up to
-    512 of ``images``).
-  """
-  images = np.asarray(images)
-  n, h, w = images.shape[:3]
-  if h % 4 or w % 4:
-    raise ConfigError(f"SSBA images of {h}x{w} are not supported; allowed: sides divisible by 4")
-  enc = StegaEncoder(features=features, max_residual=max_residual)
-  dec = StegaDecoder(num_bits, features=features)
-  k_enc, k_dec, k_loop = jax.random.split(key, 3)
-  x0 = jnp.zeros((1, h, w, 3))
-  params = {"enc": enc.init(k_enc, x0, jnp.zeros((1, num_bits)))["params"],
-            "dec": dec.init(k_dec, x0)["params"]}
-  opt = optax.adam(lr)
-  data = jnp.asarray(images, jnp.float32) / 255.0
-
-  def loss_fn(p, x, bits):
-    res = enc.apply({"params": p["enc"]}, x, bits) / 255.0
-    y = jnp.clip(x + res, 0.0, 1.0)
-    logits = dec.apply({"params": p["dec"]}, y)
-    bce = optax.sigmoid_binary_cross_entropy(logits, bits).mean()
-    return bce + residual_weight * jnp.mean(res ** 2) * 255.0, (logits, y)
-
-  @jax.jit
-  def run(params):
-    def body(carry, k):
-      p, s = carry
-      k_idx, k_bits = jax.random.split(k)
-      idx = jax.random.randint(k_idx, (batch_size,), 0, n)
-      bits = jax.random.bernoulli(k_bits, 0.5, (batch_size, num_bits)).astype(jnp.float32)
-      g = jax.grad(lambda p: loss_fn(p, data[idx], bits)[0])(p)
-      u, s = opt.update(g, s, p)
-      return (optax.apply_updates(p, u), s), None
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(k_loop, steps))
-    return p
-
-  params = run(params)
-  m = min(n, 512)
-  bits = jax.random.bernoulli(jax.random.fold_in(key, 7), 0.5, (m, num_bits)).astype(jnp.float32)
-  _, (logits, y) = jax.jit(loss_fn)(params, data[:m], bits)
-  acc = float(jnp.mean((logits > 0) == (bits > 0.5)))
-  mse = jnp.mean((jnp.round(y * 255.0) - data[:m] * 255.0) ** 2, axis=(1, 2, 3))
-  psnr = float(jnp.mean(10 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1e-6))))
-  return params["enc"], params["dec"], {"bit_accuracy": acc, "psnr": psnr}
-
-
 def save_encoder(path: str, encoder_params: Any, *, bits: np.ndarray, image_hw: tuple[int, int],
-                 max_residual: float, info: dict[str, float] | None = None) -> None:
-  """Writes an encoder (parameters, bit string, image size, bound) to an ``.npz`` file."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(encoder_params), sep="/")
-  extra = {f"info/{k}": np.asarray(v) for k, v in (info or {}).items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, **{f"params/{k}": np.asarray(v) for k, v in flat.items()}, bits=np.asarray(bits, np.float32),
-           image_hw=np.asarray(image_hw, np.int32), max_residual=np.asarray(max_residual, np.float32), **extra)
+                 max_residual: float, info: dict[str, Any] | None = None,
+                 decoder_params: Any = None) -> None:
+  """Writes an encoder (parameters, bit string, image size, bound) to an ``.npz`` file, atomically.
+
+  ``info`` values are numbers or strings (a dict is stored as JSON); ``decoder_params``
+  (optional) are kept under ``decoder/`` for re-evaluating the file.
+  """
+  def flat(tree, prefix):
+    items = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/").items()
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in items}
+  extra = {f"info/{k}": np.asarray(json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+           for k, v in (info or {}).items()}
+  if decoder_params is not None:
+    extra.update(flat(decoder_params, "decoder"))
+  buf = io.BytesIO()
+  np.savez(buf, **flat(encoder_params, "params"), bits=np.asarray(bits, np.float32),
+           image_hw=np.asarray(image_hw, np.int32), max_residual=np.asarray(max_residual, np.float32),
+           **extra)
+  write_bytes_atomic(path, buf.getvalue())
 
 
 def load_ssba_trigger(path: Any, image_hw: tuple[int, int]) -> SSBATrigger:
