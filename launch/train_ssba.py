@@ -37,9 +37,13 @@ flags.mark_flags_as_required(["out"])
 def main(argv):
   del argv
   from backdoor_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_library_logs()
+  cli.run_or_exit(_main)
+
+
+def _main():
   from backdoor_jax.data import load_dataset  # pylint: disable=g-import-not-at-top
   from backdoor_jax.triggers import ssba_train  # pylint: disable=g-import-not-at-top
-  cli.quiet_library_logs()
   ds = load_dataset(_DATASET.value, path=_PATH.value or None, image_size=_IMAGE_SIZE.value, seed=_SEED.value,
                     max_train=_MAX_TRAIN.value or None)
   info = ssba_train.train_encoder_file(

@@ -16,6 +16,7 @@ ramp: learn to hide the bits first, then make the residual small).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -101,8 +102,9 @@ def init_state(s: StegaSettings, image_hw: tuple[int, int]) -> dict[str, Any]:
   return {"params": params, "opt": optax.adam(s.lr).init(params)}
 
 
+@functools.lru_cache(maxsize=8)
 def _make_chunk(s: StegaSettings, num_steps: int):
-  """A jitted ``(state, data, start) -> (state, per-step metrics)`` running ``num_steps`` steps."""
+  """A jitted ``(state, data, start) -> (state, per-step metrics)`` running ``num_steps`` steps (cached)."""
   enc, dec = _models(s)
   opt = optax.adam(s.lr)
   key = jax.random.fold_in(jax.random.key(s.seed), 2)
@@ -179,6 +181,23 @@ def _psnr(clean: np.ndarray, encoded: np.ndarray) -> np.ndarray:
   return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_fns(s: StegaSettings):
+  """Jitted ``encode(enc_params, uint8 x, bits) -> uint8`` (the trigger's rounding) and ``decode -> bools``."""
+  enc, dec = _models(s)
+
+  @jax.jit
+  def encode(p, x, bits):
+    xf = x.astype(jnp.float32)
+    return jnp.clip(jnp.round(xf + enc.apply({"params": p}, xf / 255.0, bits)), 0, 255).astype(jnp.uint8)
+
+  @jax.jit
+  def decode(p, y):
+    return dec.apply({"params": p}, y.astype(jnp.float32) / 255.0) > 0
+
+  return encode, decode
+
+
 def evaluate_encoder(params: dict[str, Any], s: StegaSettings, images: np.ndarray,
                      batch: int = 500) -> dict[str, float]:
   """PSNR and bit accuracy on ``images`` (uint8), after rounding the encoded images to uint8.
@@ -187,29 +206,19 @@ def evaluate_encoder(params: dict[str, Any], s: StegaSettings, images: np.ndarra
   ``max_abs_change`` (pixels), ``bit_accuracy_fixed`` (the fixed string) and
   ``bit_accuracy_random`` (a random string per image).
   """
-  from backdoor_jax import triggers  # pylint: disable=g-import-not-at-top
-  enc, dec = _models(s)
   bits = fixed_bits(s)
-  trig = ssba.SSBATrigger(params=params["enc"], bits=jnp.asarray(bits),
-                          max_residual=jnp.asarray(s.max_residual, jnp.float32))
-  apply = jax.jit(triggers.apply_trigger)
-  decode = jax.jit(lambda y: dec.apply({"params": params["dec"]}, y.astype(jnp.float32) / 255.0) > 0)
-
-  @jax.jit
-  def encode_random(x, b):
-    xf = x.astype(jnp.float32)
-    return jnp.clip(jnp.round(xf + enc.apply({"params": params["enc"]}, xf / 255.0, b)), 0, 255).astype(jnp.uint8)
-
+  encode, decode = _eval_fns(s)
   rand = np.asarray(jax.random.bernoulli(jax.random.fold_in(jax.random.key(s.seed), 13), 0.5,
                                          (len(images), s.num_bits)), np.float32)
   psnr, change, ok_fixed, ok_rand = [], 0, [], []
   for i in range(0, len(images), batch):
     x = images[i:i + batch]
-    y = np.asarray(apply(trig, x))
+    y = np.asarray(encode(params["enc"], x, np.broadcast_to(bits, (len(x), s.num_bits))))
     psnr.append(_psnr(x, y))
     change = max(change, int(np.abs(y.astype(np.int16) - x).max()))
-    ok_fixed.append(np.asarray(decode(y)) == (bits > 0.5))
-    ok_rand.append(np.asarray(decode(encode_random(x, rand[i:i + batch]))) == (rand[i:i + batch] > 0.5))
+    ok_fixed.append(np.asarray(decode(params["dec"], y)) == (bits > 0.5))
+    y_rand = encode(params["enc"], x, rand[i:i + batch])
+    ok_rand.append(np.asarray(decode(params["dec"], y_rand)) == (rand[i:i + batch] > 0.5))
   psnr = np.concatenate(psnr)
   return {"psnr": float(psnr.mean()), "psnr_min": float(psnr.min()), "max_abs_change": float(change),
           "bit_accuracy_fixed": float(np.concatenate(ok_fixed).mean()),
