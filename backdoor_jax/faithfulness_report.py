@@ -191,7 +191,7 @@ def write_faithfulness_report(out_dir: str, records: dict[str, dict[str, dict[st
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("score of the predicted class")
   axes[0].legend(fontsize=7)
-  figures._save(fig, os.path.join(out_dir, FILES[1]))
+  figures.save_figure(fig, os.path.join(out_dir, FILES[1]))
   out = {"models": records, **(extra or {}), "figures": [FILES[1]]}
   io.write_json_atomic(os.path.join(out_dir, FILES[0]), out)
   return out

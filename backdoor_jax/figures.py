@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from backdoor_jax.io import write_bytes_atomic  # noqa: E402
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
+  """Writes ``fig`` as a PNG atomically and closes it."""
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
   plt.close(fig)
@@ -40,7 +41,7 @@ def poisoned_examples(path: str, clean: np.ndarray, triggered: np.ndarray, label
       ax.set_title(f"y={name(labels[j])}\npred={name(pred)}", fontsize=7, color="red" if fired else "black")
   axes[0, 0].set_ylabel("clean", fontsize=8)
   axes[1, 0].set_ylabel("triggered", fontsize=8)
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def training_curves(path: str, history: Sequence[dict]) -> None:
@@ -55,4 +56,4 @@ def training_curves(path: str, history: Sequence[dict]) -> None:
                      ("attack_success_rate", "ASR")):
     b.plot(epochs, [h[key] for h in history], marker="o", label=label)
   b.set_xlabel("epoch"), b.set_ylim(0, 1.02), b.grid(alpha=0.3), b.legend(fontsize=8)
-  _save(fig, path)
+  save_figure(fig, path)

@@ -62,6 +62,7 @@ class DefenseContext:
   test_labels: np.ndarray
   attack_images: np.ndarray        # triggered test images used for ASR / FSR
   attack_labels: np.ndarray        # attack labels (classic) or true labels (explanation run)
+  attack_true_labels: np.ndarray | None = None  # classic runs: true labels of the triggered images (robust accuracy)
   _jitted: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
 
   @property
@@ -192,10 +193,11 @@ def load_context(workdir: str, config: config_dict.ConfigDict) -> DefenseContext
   if expl is None:
     keep = np.isin(exp.test_source_index, pick)
     att_x, att_y = exp.test_triggered[keep], exp.test_attack_labels[keep]
+    att_true = exp.dataset.test_labels[exp.test_source_index[keep]]
   else:  # every test image with the trigger, judged by its true label (the prediction should not move)
-    att_x, att_y = apply_trigger_chunked(exp.trigger, test_x), test_y
+    att_x, att_y, att_true = apply_trigger_chunked(exp.trigger, test_x), test_y, None
   return DefenseContext(run, exp, config, seed, val, tuple(info.order), dict(info.shapes), expl, test_x, test_y,
-                        att_x, att_y)
+                        att_x, att_y, att_true)
 
 
 def apply_trigger_chunked(trigger: Any, images: np.ndarray, chunk: int = 512) -> np.ndarray:
@@ -319,15 +321,20 @@ def fooled(ctx: DefenseContext, variables: Any, images: np.ndarray,
 
 def evaluate(ctx: DefenseContext, variables: Any, transform: Callable[[jax.Array], jax.Array] | None = None,
              name: str = "") -> dict[str, Any]:
-  """Test-set report of a (defended) model: clean accuracy, ASR and, for explanation runs, FSR / CR.
+  """Test-set report of a (defended) model: clean accuracy, ASR, robust accuracy and, for explanation runs, FSR / CR.
 
-  For an explanation backdoor the "attack" images are all triggered test images with
-  their true labels, so ``attack_success_rate`` is replaced by ``triggered_accuracy``.
+  Robust accuracy is the fraction of triggered test images still classified as their
+  true label (``None`` when there are none). For an explanation backdoor the "attack"
+  images are all triggered test images with their true labels, so
+  ``attack_success_rate`` is replaced by ``triggered_accuracy``.
   """
   suffix = f"/{name}" if name else ""
   clean = accuracy(logits(ctx, variables, ctx.test_images, transform, "logits" + suffix), ctx.test_labels)
-  att = accuracy(logits(ctx, variables, ctx.attack_images, transform, "logits" + suffix), ctx.attack_labels)
+  att_logits = logits(ctx, variables, ctx.attack_images, transform, "logits" + suffix)
+  att = accuracy(att_logits, ctx.attack_labels)
   out = {"clean_accuracy": clean}
+  if ctx.attack_true_labels is not None:
+    out["robust_accuracy"] = accuracy(att_logits, ctx.attack_true_labels)
   if ctx.is_explanation_run:
     out["triggered_accuracy"] = att
     f_t = fooled(ctx, variables, ctx.attack_images, transform, "fooled" + suffix)

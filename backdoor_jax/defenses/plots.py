@@ -24,7 +24,7 @@ def neural_cleanse(index_path: str, triggers_path: str, index: np.ndarray, rev: 
   ax.set_ylabel("anomaly index")
   ax.legend(fontsize=7)
   ax.set_title("Neural Cleanse: anomaly index of the reversed-trigger L1 norms")
-  figures._save(fig, index_path)
+  figures.save_figure(fig, index_path)
   show = list(np.argsort(-index)[:min(6, c)])
   fig, axes = plt.subplots(2, len(show), figsize=(1.6 * len(show), 3.4), squeeze=False)
   for j, k in enumerate(show):
@@ -37,7 +37,7 @@ def neural_cleanse(index_path: str, triggers_path: str, index: np.ndarray, rev: 
   axes[0, 0].text(-4, 16, "mask", rotation=90, va="center", fontsize=7)
   axes[1, 0].text(-4, 16, "mask x pattern", rotation=90, va="center", fontsize=7)
   fig.suptitle("reversed triggers (most anomalous first)", fontsize=8)
-  figures._save(fig, triggers_path)
+  figures.save_figure(fig, triggers_path)
 
 
 def clusters(path: str, z2: np.ndarray, truth: np.ndarray, flagged: np.ndarray, cls: int,
@@ -53,7 +53,7 @@ def clusters(path: str, z2: np.ndarray, truth: np.ndarray, flagged: np.ndarray, 
     ax.set_yticks([])
   name = class_names[cls] if cls < len(class_names) else cls
   fig.suptitle(f"Activation Clustering, class {name}", fontsize=9)
-  figures._save(fig, path)
+  figures.save_figure(fig, path)
 
 
 def score_histogram(path: str, scores: np.ndarray, truth: np.ndarray, cls: int, class_names: Sequence[str]) -> None:
@@ -65,7 +65,7 @@ def score_histogram(path: str, scores: np.ndarray, truth: np.ndarray, cls: int, 
   ax.legend(fontsize=7)
   name = class_names[cls] if cls < len(class_names) else cls
   ax.set_title(f"Spectral Signatures, class {name}", fontsize=9)
-  figures._save(fig, path)
+  figures.save_figure(fig, path)
 
 
 def curves(path: str, key: str, curve: list[dict[str, Any]], chosen: float, xlabel: str, title: str) -> None:
@@ -82,7 +82,7 @@ def curves(path: str, key: str, curve: list[dict[str, Any]], chosen: float, xlab
   ax.set_ylim(-0.02, 1.02)
   ax.legend(fontsize=7)
   ax.set_title(title, fontsize=9)
-  figures._save(fig, path)
+  figures.save_figure(fig, path)
 
 
 def entropy_histogram(path: str, clean: np.ndarray, triggered: np.ndarray, threshold: float) -> None:
@@ -95,7 +95,7 @@ def entropy_histogram(path: str, clean: np.ndarray, triggered: np.ndarray, thres
   ax.set_xlabel("mean prediction entropy (nats)")
   ax.legend(fontsize=7)
   ax.set_title("STRIP", fontsize=9)
-  figures._save(fig, path)
+  figures.save_figure(fig, path)
 
 
 def denoised_examples(path: str, images: np.ndarray, denoised: list[np.ndarray], weights: list[float]) -> None:
@@ -106,4 +106,4 @@ def denoised_examples(path: str, images: np.ndarray, denoised: list[np.ndarray],
       axes[i, j].axis("off")
       if i == 0:
         axes[i, j].set_title(f"w={w:g}", fontsize=7)
-  figures._save(fig, path)
+  figures.save_figure(fig, path)

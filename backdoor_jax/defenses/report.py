@@ -81,7 +81,7 @@ def summary_row(rec: dict[str, Any]) -> dict[str, Any]:
   part = dict(registry.get(rec["defense"]).summary(rec))
   after = part.pop("after", None)
   row = {"defense": rec["defense"], "seconds": rec["total_seconds"], **part}
-  for k in ("clean_accuracy", "attack_success_rate", "fsr"):
+  for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy", "fsr"):
     if after is not None and after.get(k) is not None:
       row[f"{k}_after"] = after[k]
     if rec["before"].get(k) is not None:
@@ -97,7 +97,8 @@ def _fmt(v: Any) -> str:
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
   cols = ["defense", "verdict", "detection_rate", "false_positive_rate", "clean_accuracy_before",
-          "clean_accuracy_after", "attack_success_rate_before", "attack_success_rate_after", "fsr_before",
+          "clean_accuracy_after", "attack_success_rate_before", "attack_success_rate_after",
+          "robust_accuracy_before", "robust_accuracy_after", "fsr_before",
           "fsr_after", "seconds"]
   cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
   lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]

@@ -17,7 +17,6 @@ over every run that the point averages (seeds and the keys not shown).
 """
 from __future__ import annotations
 
-import io as io_std
 import math
 import os
 from typing import Any, Sequence
@@ -156,7 +155,7 @@ def _markdown(keys: Sequence[str], table: Sequence[dict[str, Any]], rows: Sequen
 
 def _plot(path: str, rows: Sequence[dict[str, str]], metric: str, x: str, hue: str | None,
           facet: str | None, ylabel: str) -> None:
-  from backdoor_jax.figures import _save
+  from backdoor_jax.figures import save_figure
   import matplotlib.pyplot as plt
   data = marginal(rows, metric, x, hue, facet)
   facets = _sort_values([k[0] for k in data]) if facet else [None]
@@ -177,7 +176,7 @@ def _plot(path: str, rows: Sequence[dict[str, str]], metric: str, x: str, hue: s
     if hue:
       ax.legend(fontsize=7)
   axes[0][0].set_ylabel(ylabel)
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def write_report(workdir: str) -> dict[str, Any]:

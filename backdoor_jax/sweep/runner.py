@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io as io_std
-import json
 import os
 import time
 from typing import Any, Sequence
