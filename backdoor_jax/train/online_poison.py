@@ -94,6 +94,7 @@ def poison_batch(key: jax.Array, images: jax.Array, labels: jax.Array, trigger: 
     (attack label / true label), and ``kind`` ``(B,)`` int32 (:data:`CLEAN`,
     :data:`POISONED`, :data:`CROSS`). Other images are returned bit-identical.
   """
+  images, labels = jnp.asarray(images), jnp.asarray(labels)
   chex.assert_rank(images, 4)
   chex.assert_rank(labels, 1)
   chex.assert_equal(images.shape[0], labels.shape[0])
