@@ -34,15 +34,11 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from backdoor_jax import poison
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.triggers.base import apply_trigger
 
 CLEAN, POISONED, CROSS = 0, 1, 2  # values of the per-image ``kind`` that poison_batch returns
-
-
-def round_half_up(x: float) -> int:
-  """``round`` with halves up, as :func:`backdoor_jax.poison.num_poison_samples` counts."""
-  return int(math.floor(float(x) + 0.5))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +57,10 @@ class BatchPoisonSpec:
     if mode not in ("all_to_one", "all_to_all"):
       raise ConfigError(f"poison.mode={mode!r} does not work with poison.resample='batch'; allowed: all_to_one, "
                         "all_to_all")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-      raise ConfigError(f"poison.rate={rate!r} is invalid; allowed: a fraction in [0, 1] of every batch")
     if mode == "all_to_one" and not 0 <= int(target) < num_classes:
       raise ConfigError(f"poison.target={target!r} is invalid; allowed: a class in [0, {num_classes})")
-    n = round_half_up(rate * batch_size)
-    n_cross = round_half_up(cross_ratio * n)
+    n = poison.num_poison_samples(batch_size, rate=rate)  # round(rate * B), halves up; checks the rate
+    n_cross = int(math.floor(float(cross_ratio) * n + 0.5))  # as poison.choose_cross_indices counts
     if n + n_cross > batch_size:
       raise ConfigError(f"poison.rate={rate!r} with cross_ratio {cross_ratio!r} asks for {n} poisoned + {n_cross} "
                         f"cross images of a batch of {batch_size}; allowed: at most {batch_size} in all")
