@@ -7,7 +7,7 @@ Neural Cleanse (detection, then unlearning), Activation Clustering, Spectral Sig
 WORKDIR/report/attacks_x_defenses.{md,csv,png}; a rerun resumes where it stopped.
 
 Variants (``--config=configs/attacks_x_defenses.py:VARIANT``):
-  gtsrb   GTSRB subset (6k train / 2k test, 10 epochs, small CNN); needs --config.shared.data.path
+  gtsrb   GTSRB subset (5k train / 1.5k test, 10 epochs, small CNN); needs --config.shared.data.path
   digits  the embedded digits (offline; CPU minutes)
 
 Settings: ``shared.*`` apply to every attack (data, subset sizes, epochs, seed);

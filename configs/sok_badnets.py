@@ -9,6 +9,8 @@ Variants (``--config=configs/sok_badnets.py:VARIANT``):
   gtsrb_reduced  sizes 4/6/8% x 2 positions x rates 1/2% x 2 seeds (+2 clean), narrow
                  small CNN, 8 epochs on a 5k-image GTSRB subset (CPU-sized); needs
                  --config.data.path
+  gtsrb_patterns white square vs checkerboard vs seeded noise patch (4 px) x 2 corners
+                 at 5% poisoning (+1 clean), same narrow CNN and subset; needs --config.data.path
   gtsrb_full     the study's full grid on GTSRB (3 x 5 x 3 x 4 x 4 architectures x 5
                  seeds = 3,600 models); needs --config.data.path and an accelerator
 

@@ -51,9 +51,9 @@ def get_config(variant: str = "gtsrb") -> config_dict.ConfigDict:
   c.table = config_dict.ConfigDict()
   c.table.attacks = tuple(ATTACKS)
   c.table.defenses = DEFENSES
-  # SSBA's encoder is trained once into the work dir when its file is missing.
-  c.table.ssba_steps = 3000
-  c.table.ssba_num_bits = 16
+  # SSBA's encoder is trained once into the work dir when its file is missing, with these
+  # arguments of backdoor_jax.triggers.ssba_train.train_encoder_file.
+  c.table.ssba = config_dict.ConfigDict({"steps": 3000, "num_bits": 16})
 
   c.attacks = config_dict.ConfigDict({name: attack_config(variant, name) for name in ATTACKS})
 
@@ -64,8 +64,14 @@ def get_config(variant: str = "gtsrb") -> config_dict.ConfigDict:
   s.data.max_train = config_dict.placeholder(int)
   s.data.max_test = config_dict.placeholder(int)
   s.data.split_seed = config_dict.placeholder(int)
+  s.model = config_dict.ConfigDict()
+  s.model.name = config_dict.placeholder(str)
+  s.model.widths = config_dict.placeholder(tuple)
+  s.model.pool_after = config_dict.placeholder(tuple)
   s.train = config_dict.ConfigDict()
   s.train.epochs = config_dict.placeholder(int)
+  s.train.batch_size = config_dict.placeholder(int)
+  s.train.eval_batch_size = config_dict.placeholder(int)
   s.figures = config_dict.placeholder(bool)
 
   c.defenses = defenses_config.get_config()
@@ -73,14 +79,16 @@ def get_config(variant: str = "gtsrb") -> config_dict.ConfigDict:
   c.defenses.strip.max_inputs = 500
 
   if variant == "gtsrb":
-    s.data.max_train = 6000
-    s.data.max_test = 2000
+    # Sized for a 2-core CPU (about 10 min per attack with its defenses); the full set
+    # is --config.shared.data.max_train=0 --config.shared.data.max_test=0.
+    s.data.max_train = 5000
+    s.data.max_test = 1500
     s.data.split_seed = 0
     s.train.epochs = 10
-    c.defenses.max_test = 0
-    c.defenses.neural_cleanse.epochs = 10
+    c.defenses.neural_cleanse.epochs = 8
+    c.defenses.neural_cleanse.batch_size = 16
   else:  # digits: the embedded offline set, CPU minutes
     s.data.split_seed = 0
     s.train.epochs = 8
-    c.table.ssba_steps = 600
+    c.table.ssba.steps = 600
   return c

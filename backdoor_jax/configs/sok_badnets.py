@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
+from backdoor_jax import triggers
 from backdoor_jax.configs import badnets
 from backdoor_jax.errors import ConfigError
 
@@ -58,7 +59,25 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
           {"name": ("small_cnn", "resnet18", "vgg11_bn", "preact_resnet18")})
       c.sweep.seeds = (0, 1, 2, 3, 4)
       c.sweep.models_per_step = 32
+  elif variant == "gtsrb_patterns":
+    # A solid white square vs a checkerboard vs a seeded noise patch (same size), at 5%
+    # in two corners: does a pattern with its own contrast avoid the bright-background
+    # blind spot that weak_trigger_fraction reports for white?
+    c = badnets.get_config("gtsrb")
+    add_sweep_section(c)
+    c.data.max_train = 5000
+    c.data.max_test = 2000
+    c.train.epochs = 8
+    c.train.batch_size = 64
+    c.model.widths = (16, 32, 64, 64)
+    c.trigger.size = 4.0
+    for kind in ("checkerboard", "noise_patch"):
+      triggers.ensure_section(c.trigger, kind)
+    c.sweep.grid.trigger = config_dict.ConfigDict({"kind": ("square", "checkerboard", "noise_patch"),
+                                                   "position": ("top-left", "bottom-right")})
+    c.sweep.grid.poison = config_dict.ConfigDict({"rate": (0.05,)})
+    c.sweep.models_per_step = 7
   else:
     raise ConfigError(f"unknown variant {variant!r} of configs/sok_badnets.py; allowed: digits, "
-                     "gtsrb_reduced, gtsrb_full")
+                     "gtsrb_reduced, gtsrb_full, gtsrb_patterns")
   return c

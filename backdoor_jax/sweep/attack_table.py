@@ -116,14 +116,13 @@ def _ensure_caches(cfg: config_dict.ConfigDict, config: config_dict.ConfigDict, 
     return
   from backdoor_jax.data import load_dataset
   from backdoor_jax.experiment import data_seed
-  from backdoor_jax.triggers import ssba
+  from backdoor_jax.triggers import ssba_train
   ds = load_dataset(cfg.data.name, path=cfg.data.path or None, data_dir=cfg.data.data_dir or None,
                     image_size=cfg.data.image_size, seed=data_seed(cfg), max_train=cfg.data.max_train or None,
                     max_test=cfg.data.max_test or None)
   logging.info("table: training the SSBA encoder -> %s", path)
-  ssba.train_encoder_file(path, ds.train_images, ds.test_images, seed=int(cfg.seed),
-                          steps=int(config.table.ssba_steps), num_bits=int(config.table.ssba_num_bits),
-                          progress=progress)
+  ssba_train.train_encoder_file(path, ds.train_images, ds.test_images, seed=int(cfg.seed), progress=progress,
+                                **config.table.ssba.to_dict())
 
 
 def _defend(adir: str, config: config_dict.ConfigDict, defenses: tuple[str, ...]) -> dict[str, Any]:
