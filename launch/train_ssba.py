@@ -25,8 +25,9 @@ _FEATURES = flags.DEFINE_integer("features", 32, "Channels of the encoder/decode
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per training step.")
 _LR = flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
 _MAX_RESIDUAL = flags.DEFINE_float("max_residual", 8.0, "Bound on the residual, pixel units of 255.")
-_RESIDUAL_WEIGHT = flags.DEFINE_float("residual_weight", 1.0, "Final weight of the residual's mean square.")
-_RAMP = flags.DEFINE_integer("ramp_steps", 1000, "Steps over which the residual weight ramps up from 0.")
+_RESIDUAL_WEIGHT = flags.DEFINE_float("residual_weight", 0.3, "Final weight of the residual's mean square.")
+_RAMP_START = flags.DEFINE_integer("ramp_start", 500, "Steps without the residual penalty (bits first).")
+_RAMP = flags.DEFINE_integer("ramp_steps", 1000, "Steps over which the residual weight then ramps up from 0.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Steps per metrics record.")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 250, "Steps between checkpoints.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initialisation, the batches and the bit string.")
@@ -49,7 +50,8 @@ def _main():
   info = ssba_train.train_encoder_file(
       _OUT.value, ds.train_images, ds.test_images, seed=_SEED.value, steps=_STEPS.value, num_bits=_BITS.value,
       batch_size=_BATCH.value, lr=_LR.value, max_residual=_MAX_RESIDUAL.value,
-      residual_weight=_RESIDUAL_WEIGHT.value, ramp_steps=_RAMP.value, features=_FEATURES.value,
+      residual_weight=_RESIDUAL_WEIGHT.value, ramp_start=_RAMP_START.value, ramp_steps=_RAMP.value,
+      features=_FEATURES.value,
       log_every=_LOG_EVERY.value, checkpoint_every=_CKPT_EVERY.value, max_eval=_MAX_EVAL.value,
       progress=_PROGRESS.value)
   print(f"test images ({info['eval_images']}): psnr={info['psnr']:.2f} dB (min {info['psnr_min']:.2f}, "

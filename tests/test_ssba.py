@@ -14,8 +14,8 @@ from backdoor_jax.errors import ConfigError
 from backdoor_jax.triggers import ssba, ssba_train
 from tests.test_bad_inputs import run_launcher
 
-TINY = dict(steps=8, num_bits=4, batch_size=8, features=4, ramp_steps=4, log_every=2, checkpoint_every=4,
-            progress=False)
+TINY = dict(steps=8, num_bits=4, batch_size=8, features=4, ramp_start=2, ramp_steps=4, log_every=2,
+            checkpoint_every=4, progress=False)
 
 
 def _images(n: int = 32, hw: int = 8, seed: int = 0) -> np.ndarray:
@@ -88,7 +88,7 @@ def test_killed_training_resumes_to_the_same_parameters_and_loads_as_a_trigger(t
   assert info["max_abs_change"] <= 8 and info["settings"]["steps"] == 8
 
   # finished: the same call returns the stored info without training; other settings are refused
-  monkeypatch.setattr(ssba_train, "_make_chunk", None)
+  monkeypatch.setattr(ssba_train, "_make_step", None)
   again = ssba_train.train_encoder_file(full, train, test, **TINY)
   assert again["psnr"] == info["psnr"] and again["settings"] == info["settings"]
   with pytest.raises(ConfigError, match="exists with other settings.*steps"):
@@ -104,6 +104,7 @@ def test_killed_training_resumes_to_the_same_parameters_and_loads_as_a_trigger(t
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps=0"), (dict(max_residual=300.0), "max_residual=300.0"), (dict(lr=float("nan")), "lr=nan"),
     (dict(residual_weight=-1.0), "residual_weight=-1.0"), (dict(ramp_steps=-2), "ramp_steps=-2"),
+    (dict(ramp_start=-1), "ramp_start=-1"),
     (dict(checkpoint_every=3), "multiple of log_every"), (dict(out="x.msgpack"), "ending in .npz"),
     (dict(train=np.zeros((4, 6, 6, 3), np.uint8)), "divisible by 4"),
     (dict(train=np.zeros((4, 8, 8, 3), np.float32)), "uint8"),

@@ -10,8 +10,11 @@ same parameters as an uninterrupted one: the batch and bit string of step ``t`` 
 only on ``(seed, t)``.
 
 Loss: BCE(decoded bits) + ``w(t)`` * mean squared residual ([0, 1] units, times 255), where
-``w`` ramps linearly from 0 to ``residual_weight`` over ``ramp_steps`` (StegaStamp's loss
-ramp: learn to hide the bits first, then make the residual small).
+``w`` is 0 for the first ``ramp_start`` steps, then ramps linearly to ``residual_weight``
+over ``ramp_steps`` (StegaStamp's loss ramp: learn to hide the bits first, then make the
+residual small). Measured on GTSRB: with the penalty from step 0 the residual shrank to
+nothing before the decoder found the bits (bit accuracy 0.50 after 450 steps); without
+it the bits were read at 0.99 after 250 steps.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ class StegaSettings:
   batch_size: int = 32
   lr: float = 1e-3
   max_residual: float = 8.0
-  residual_weight: float = 1.0
+  residual_weight: float = 0.3
+  ramp_start: int = 500
   ramp_steps: int = 1000
   features: int = 32
 
@@ -57,8 +61,10 @@ class StegaSettings:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ConfigError(f"SSBA {name}={v!r} is not allowed; allowed: an integer >= 1")
-    if isinstance(self.ramp_steps, bool) or not isinstance(self.ramp_steps, (int, np.integer)) or self.ramp_steps < 0:
-      raise ConfigError(f"SSBA ramp_steps={self.ramp_steps!r} is not allowed; allowed: an integer >= 0")
+    for name in ("ramp_start", "ramp_steps"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ConfigError(f"SSBA {name}={v!r} is not allowed; allowed: an integer >= 0")
     if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
       raise ConfigError(f"SSBA lr={self.lr!r} is not allowed; allowed: a finite number > 0")
     if not (isinstance(self.max_residual, (int, float)) and 0 < self.max_residual <= 255):
@@ -93,18 +99,35 @@ def _models(s: StegaSettings) -> tuple[ssba.StegaEncoder, ssba.StegaDecoder]:
           ssba.StegaDecoder(s.num_bits, features=s.features))
 
 
+@functools.lru_cache(maxsize=8)
+def _init_params(seed: int, num_bits: int, features: int, image_hw: tuple[int, int]):
+  """Jitted initial ``{'enc', 'dec'}`` parameters (cached: compiling the init is slow on the CPU)."""
+  enc = ssba.StegaEncoder(features=features)
+  dec = ssba.StegaDecoder(num_bits, features=features)
+
+  @jax.jit
+  def init():
+    k_enc, k_dec = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
+    x0 = jnp.zeros((1, *image_hw, 3))
+    return {"enc": enc.init(k_enc, x0, jnp.zeros((1, num_bits)))["params"], "dec": dec.init(k_dec, x0)["params"]}
+
+  return init
+
+
 def init_state(s: StegaSettings, image_hw: tuple[int, int]) -> dict[str, Any]:
   """Step 0: ``{'params': {'enc', 'dec'}, 'opt': Adam state}`` from ``s.seed``."""
-  enc, dec = _models(s)
-  k_enc, k_dec = jax.random.split(jax.random.fold_in(jax.random.key(s.seed), 1))
-  x0 = jnp.zeros((1, *image_hw, 3))
-  params = {"enc": enc.init(k_enc, x0, jnp.zeros((1, s.num_bits)))["params"], "dec": dec.init(k_dec, x0)["params"]}
+  params = _init_params(s.seed, s.num_bits, s.features, tuple(int(v) for v in image_hw))()
   return {"params": params, "opt": optax.adam(s.lr).init(params)}
 
 
 @functools.lru_cache(maxsize=8)
-def _make_chunk(s: StegaSettings, num_steps: int):
-  """A jitted ``(state, data, start) -> (state, per-step metrics)`` running ``num_steps`` steps (cached)."""
+def _make_step(s: StegaSettings):
+  """A jitted ``(state, data, t) -> (state, metrics)``: training step ``t`` (cached per settings).
+
+  The batch, the bits and the loss weight of step ``t`` depend only on ``(s.seed, t)``.
+  (One jitted step in a Python loop: the same step under ``lax.scan`` ran ~200x slower
+  on the CPU.)
+  """
   enc, dec = _models(s)
   opt = optax.adam(s.lr)
   key = jax.random.fold_in(jax.random.key(s.seed), 2)
@@ -121,21 +144,16 @@ def _make_chunk(s: StegaSettings, num_steps: int):
     return loss, {"loss": loss, "bce": bce, "bit_accuracy": acc, "psnr": psnr}
 
   @jax.jit
-  def run(state, data, start):
-    n = data.shape[0]
+  def step(state, data, t):
+    k_idx, k_bits = jax.random.split(jax.random.fold_in(key, t))
+    x = data[jax.random.randint(k_idx, (s.batch_size,), 0, data.shape[0])].astype(jnp.float32) / 255.0
+    bits = jax.random.bernoulli(k_bits, 0.5, (s.batch_size, s.num_bits)).astype(jnp.float32)
+    weight = s.residual_weight * jnp.clip((t - s.ramp_start + 1) / max(s.ramp_steps, 1), 0.0, 1.0)
+    g, m = jax.grad(loss_fn, has_aux=True)(state["params"], x, bits, weight)
+    u, o = opt.update(g, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], u), "opt": o}, m
 
-    def body(st, t):
-      k_idx, k_bits = jax.random.split(jax.random.fold_in(key, t))
-      x = data[jax.random.randint(k_idx, (s.batch_size,), 0, n)].astype(jnp.float32) / 255.0
-      bits = jax.random.bernoulli(k_bits, 0.5, (s.batch_size, s.num_bits)).astype(jnp.float32)
-      weight = s.residual_weight * jnp.minimum(1.0, t / max(s.ramp_steps, 1)) if s.ramp_steps else s.residual_weight
-      g, m = jax.grad(loss_fn, has_aux=True)(st["params"], x, bits, weight)
-      u, o = opt.update(g, st["opt"], st["params"])
-      return {"params": optax.apply_updates(st["params"], u), "opt": o}, m
-
-    return jax.lax.scan(body, state, start + jnp.arange(num_steps))
-
-  return run
+  return step
 
 
 def _save_checkpoint(path: str, state: dict[str, Any], step: int, seconds: float, meta: dict[str, Any]) -> None:
@@ -236,7 +254,8 @@ def read_encoder_info(path: str) -> dict[str, Any]:
 
 def train_encoder_file(out_path: str, train_images: np.ndarray, test_images: np.ndarray, *, seed: int = 0,
                        steps: int = 3000, num_bits: int = 16, batch_size: int = 32, lr: float = 1e-3,
-                       max_residual: float = 8.0, residual_weight: float = 1.0, ramp_steps: int = 1000,
+                       max_residual: float = 8.0, residual_weight: float = 0.3, ramp_start: int = 500,
+                       ramp_steps: int = 1000,
                        features: int = 32, log_every: int = 50, checkpoint_every: int = 250,
                        max_eval: int = 2000, progress: bool = True) -> dict[str, Any]:
   """Trains (or resumes, or finds finished) an SSBA encoder and writes it to ``out_path``.
@@ -259,7 +278,8 @@ def train_encoder_file(out_path: str, train_images: np.ndarray, test_images: np.
     ConfigError: bad settings or images; an existing file or checkpoint of other settings.
   """
   s = StegaSettings(seed=seed, steps=steps, num_bits=num_bits, batch_size=batch_size, lr=lr,
-                    max_residual=max_residual, residual_weight=residual_weight, ramp_steps=ramp_steps,
+                    max_residual=max_residual, residual_weight=residual_weight, ramp_start=ramp_start,
+                    ramp_steps=ramp_steps,
                     features=features)
   s.check()
   out_path = os.fspath(out_path)
@@ -293,17 +313,19 @@ def train_encoder_file(out_path: str, train_images: np.ndarray, test_images: np.
     state, step, seconds = _load_checkpoint(ckpt_path, state, meta)
   records = _read_metrics(metrics_path, step)
   data = jnp.asarray(train_images)
-  chunks: dict[int, Any] = {}
+  train_step = _make_step(s)
   bar = tqdm(total=s.steps, initial=step, desc="ssba encoder", unit="step", disable=not progress,
              dynamic_ncols=True)
   try:
     t0 = time.perf_counter()
     while step < s.steps:
       n = min(log_every, s.steps - step)
-      if n not in chunks:
-        chunks[n] = _make_chunk(s, n)
-      state, m = chunks[n](state, data, jnp.asarray(step, jnp.int32))
-      m = {k: float(np.mean(v)) for k, v in jax.device_get(m).items()}
+      ms = []
+      for t in range(step, step + n):
+        state, m = train_step(state, data, jnp.asarray(t, jnp.int32))
+        ms.append(m)
+      ms = jax.device_get(ms)
+      m = {k: float(np.mean([r[k] for r in ms])) for k in ms[0]}
       step += n
       now = time.perf_counter()
       seconds, t0 = seconds + now - t0, now
