@@ -20,7 +20,7 @@ from backdoor_jax.errors import ConfigError
 VARIANTS = ("digits", "gtsrb", "cifar10", "digits_blend", "digits_wanet", "digits_filter", "digits_moire",
             "digits_clean_label", "digits_ssba", "digits_checkerboard", "digits_noise_patch", "gtsrb_blend",
             "gtsrb_wanet", "gtsrb_filter", "gtsrb_moire", "digits_label_consistent", "gtsrb_label_consistent",
-            "digits_wanet_batch", "gtsrb_wanet_batch")
+            "digits_wanet_batch", "gtsrb_wanet_batch", "gtsrb_ssba")
 BATCH_SUFFIX = "_batch"  # any variant + this suffix: per-batch poisoning
 
 
