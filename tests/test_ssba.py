@@ -27,7 +27,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 def test_saturated_encoder_stays_within_its_linf_and_psnr_bound():
-  """Known answer: a residual r * tanh(.) driven to saturation changes pixels by at most r, so PSNR >= 20 log10(255/r)."""
+  """Known answer: a saturated residual r * tanh(.) changes pixels by at most r: PSNR >= 20 log10(255 / r)."""
   r = 6.0
   s = ssba_train.StegaSettings(num_bits=4, features=4, max_residual=r)
   params = ssba_train.init_state(s, (8, 8))["params"]

@@ -160,7 +160,8 @@ def _save_checkpoint(path: str, state: dict[str, Any], step: int, seconds: float
   leaves = jax.tree_util.tree_leaves(state)
   buf = io.BytesIO()
   np.savez(buf, step=np.asarray(step, np.int64), seconds=np.asarray(seconds, np.float64),
-           meta=np.asarray(json.dumps(meta, sort_keys=True)), **{f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)})
+           meta=np.asarray(json.dumps(meta, sort_keys=True)),
+           **{f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)})
   bio.write_bytes_atomic(path, buf.getvalue())
 
 
