@@ -12,9 +12,12 @@ only on ``(seed, t)``.
 Loss: BCE(decoded bits) + ``w(t)`` * mean squared residual ([0, 1] units, times 255), where
 ``w`` is 0 for the first ``ramp_start`` steps, then ramps linearly to ``residual_weight``
 over ``ramp_steps`` (StegaStamp's loss ramp: learn to hide the bits first, then make the
-residual small). Measured on GTSRB: with the penalty from step 0 the residual shrank to
-nothing before the decoder found the bits (bit accuracy 0.50 after 450 steps); without
-it the bits were read at 0.99 after 250 steps.
+residual small). Measured on GTSRB: with the penalty from step 0 (weight 1) the residual
+shrank to nothing before the decoder found the bits (bit accuracy 0.50 after 450 steps);
+without it the bits were read at 0.99 after 250 steps. The default weight is 0: the
+``max_residual`` bound alone sets the invisibility (PSNR >= 20 log10(255 / max_residual),
+30.1 dB for 8 px; the default run reaches 30.7 dB and bit accuracy 0.9995 on GTSRB test
+images after 1,000 steps).
 """
 from __future__ import annotations
 
@@ -45,12 +48,12 @@ from backdoor_jax.triggers import ssba
 class StegaSettings:
   """What an encoder training depends on (a resumed run must use the same)."""
   seed: int = 0
-  steps: int = 3000
+  steps: int = 1000
   num_bits: int = 16
   batch_size: int = 32
   lr: float = 1e-3
   max_residual: float = 8.0
-  residual_weight: float = 0.3
+  residual_weight: float = 0.0
   ramp_start: int = 500
   ramp_steps: int = 1000
   features: int = 32
@@ -254,8 +257,8 @@ def read_encoder_info(path: str) -> dict[str, Any]:
 
 
 def train_encoder_file(out_path: str, train_images: np.ndarray, test_images: np.ndarray, *, seed: int = 0,
-                       steps: int = 3000, num_bits: int = 16, batch_size: int = 32, lr: float = 1e-3,
-                       max_residual: float = 8.0, residual_weight: float = 0.3, ramp_start: int = 500,
+                       steps: int = 1000, num_bits: int = 16, batch_size: int = 32, lr: float = 1e-3,
+                       max_residual: float = 8.0, residual_weight: float = 0.0, ramp_start: int = 500,
                        ramp_steps: int = 1000,
                        features: int = 32, log_every: int = 50, checkpoint_every: int = 250,
                        max_eval: int = 2000, progress: bool = True) -> dict[str, Any]:
