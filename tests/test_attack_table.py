@@ -77,6 +77,9 @@ def test_report_cells_unchanged_models_and_detection_verdicts(tmp_path):
   assert "| badnets | 0.900 / 0.950 / 0.040 | 0.850 / 0.100 / 0.800 | 0.900 / 0.950 / 0.040 (unchanged) |" in md
   assert "flags none, AI 1.20, target missed" in md and "flags [0], AI 3.50, target named" in md
   assert "TPR 0.75 / FPR 0.10" in md
+  many = _row("badnets", "activation_clustering", flagged_classes=[0, 1, 2, 3, 4, 5])
+  assert table_report._detection_cell(many, 0).startswith("flags 6 classes incl. the target")
+  assert table_report._detection_cell(many, 9).startswith("flags 6 classes not the target")
   assert "| wanet | failed: ConfigError: bad |" in md
   paths = table_report.write_report(str(tmp_path), rows, 60.0)
   assert os.path.getsize(paths["png"]) > 1000

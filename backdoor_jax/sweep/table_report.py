@@ -66,10 +66,20 @@ def after(r: dict[str, Any] | None, metric: str) -> tuple[Any, bool]:
   return r.get(f"{metric}_after"), False
 
 
-def _detection_cell(r: dict[str, Any]) -> str:
+MAX_LISTED = 5  # longer lists of flagged classes are summarised as a count
+
+
+def _detection_cell(r: dict[str, Any], target: Any = None) -> str:
   parts = []
-  if r.get("flagged_classes") is not None:
-    parts.append(f"flags {r['flagged_classes']}" if r["flagged_classes"] else "flags none")
+  flagged = r.get("flagged_classes")
+  if flagged is not None:
+    if not flagged:
+      parts.append("flags none")
+    elif len(flagged) <= MAX_LISTED:
+      parts.append(f"flags {flagged}")
+    else:
+      where = "" if target is None else (" incl. the target" if target in flagged else " not the target")
+      parts.append(f"flags {len(flagged)} classes{where}")
   if r.get("max_anomaly_index") is not None:
     parts.append(f"AI {r['max_anomaly_index']:.2f}")
   if r.get("names_true_target") is not None:
@@ -130,7 +140,8 @@ def markdown(rows: Sequence[dict[str, Any]], wall_seconds: float) -> str:
                                                if none[a].get("num_poisoned")) + ".", "",
               "| attack | " + " | ".join(det) + " |", "| --- " * (len(det) + 1) + "|"]
     for a in attacks:
-      lines.append(f"| {a} | " + " | ".join(_detection_cell(by[(a, d)]) if (a, d) in by else ""
+      target = none[a].get("target") if none[a].get("num_poisoned") else None
+      lines.append(f"| {a} | " + " | ".join(_detection_cell(by[(a, d)], target) if (a, d) in by else ""
                                               for d in det) + " |")
   seconds = [(r["attack"], r["defense"], r.get("seconds")) for r in ok if r["defense"] != "none"]
   if seconds:
