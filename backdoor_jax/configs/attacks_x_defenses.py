@@ -53,7 +53,7 @@ def get_config(variant: str = "gtsrb") -> config_dict.ConfigDict:
   c.table.defenses = DEFENSES
   # SSBA's encoder is trained once into the work dir when its file is missing, with these
   # arguments of backdoor_jax.triggers.ssba_train.train_encoder_file.
-  c.table.ssba = config_dict.ConfigDict({"steps": 3000, "num_bits": 16})
+  c.table.ssba = config_dict.ConfigDict({"steps": 1000, "num_bits": 16, "max_residual": 8.0})
 
   c.attacks = config_dict.ConfigDict({name: attack_config(variant, name) for name in ATTACKS})
 
@@ -90,5 +90,5 @@ def get_config(variant: str = "gtsrb") -> config_dict.ConfigDict:
   else:  # digits: the embedded offline set, CPU minutes
     s.data.split_seed = 0
     s.train.epochs = 8
-    c.table.ssba.steps = 600
+    c.table.ssba.steps = 500
   return c
