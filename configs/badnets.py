@@ -12,6 +12,8 @@ Variants (``--config=configs/badnets.py:VARIANT``):
   digits_ssba  sample-specific invisible trigger; first train its encoder with
            python launch/train_ssba.py --out=runs/ssba/digits_encoder.npz
   gtsrb_blend / gtsrb_wanet / gtsrb_filter / gtsrb_moire   the same triggers on GTSRB
+  VARIANT_batch  any variant with poison.resample='batch' (fresh poisoned and WaNet noise-mode
+           samples in every training batch, as in the WaNet reference), e.g. gtsrb_wanet_batch
   gtsrb_label_consistent / digits_label_consistent   clean-label attack (Turner et al.):
            PGD (eps 16) against an adversarially trained surrogate (cached in
            runs/surrogates/), four-corner trigger, at most half of the target class
