@@ -132,3 +132,18 @@ def test_launcher_bad_table_setting_is_one_error_line(tmp_path):
   assert r.returncode != 0
   lines = [l for l in r.stderr.splitlines() + r.stdout.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and "epochs" in lines[0], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("variant,mode_target", [("digits", 0), ("digits_label_consistent", 2), ("digits_clean_label", 0)])
+def test_defenses_know_the_target_of_all_to_one_and_clean_label_attacks(variant, mode_target):
+  import types
+  from backdoor_jax.configs import badnets as badnets_config
+  from backdoor_jax.defenses import common
+  cfg = badnets_config.get_config(variant)
+  fake = types.SimpleNamespace(run=types.SimpleNamespace(config=cfg), is_explanation_run=False)
+  assert common.DefenseContext.target.fget(fake) == mode_target
+  cfg.poison.mode = "all_to_all"  # no single target class
+  assert common.DefenseContext.target.fget(fake) is None
+  cfg.poison.mode = "clean_label"
+  cfg.poison.rate = 0.0  # nothing poisoned: no target
+  assert common.DefenseContext.target.fget(fake) is None

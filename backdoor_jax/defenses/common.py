@@ -83,9 +83,9 @@ class DefenseContext:
 
   @property
   def target(self) -> int | None:
-    """The attack's target class (all-to-one classic backdoors), else None."""
+    """The attack's target class (all-to-one and clean-label classic backdoors), else None."""
     c = self.run.config
-    if self.is_explanation_run or c.poison.mode != "all_to_one" or not float(c.poison.rate):
+    if self.is_explanation_run or c.poison.mode not in ("all_to_one", "clean_label") or not float(c.poison.rate):
       return None
     return int(c.poison.target)
 
