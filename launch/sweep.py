@@ -38,6 +38,9 @@ def main(argv):
   from backdoor_jax import sweep
   import os
   if _REPORT_ONLY.value:
+    if os.path.exists(os.path.join(_WORKDIR.value, "table.json")):
+      cli.exit_with_error(f"{_WORKDIR.value} is an attacks x defenses table: its report is rewritten after every "
+                          "attack; rerun its --config command to rebuild it (finished attacks are only re-evaluated)")
     cli.run_or_exit(lambda: sweep.write_report(_WORKDIR.value))
   elif _CONFIG.value is not None and "table" in _CONFIG.value:
     rows = cli.run_or_exit(lambda: sweep.run_table(_CONFIG.value, _WORKDIR.value))

@@ -147,3 +147,11 @@ def test_defenses_know_the_target_of_all_to_one_and_clean_label_attacks(variant,
   cfg.poison.mode = "clean_label"
   cfg.poison.rate = 0.0  # nothing poisoned: no target
   assert common.DefenseContext.target.fget(fake) is None
+
+
+def test_report_only_on_a_table_work_dir_is_one_error_line(tmp_path):
+  (tmp_path / "table.json").write_text("{}")
+  r = subprocess.run([sys.executable, "launch/sweep.py", f"--workdir={tmp_path}", "--report_only"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  lines = [l for l in r.stderr.splitlines() + r.stdout.splitlines() if l.startswith("error:")]
+  assert r.returncode != 0 and len(lines) == 1 and "attacks x defenses table" in lines[0]
