@@ -31,8 +31,6 @@ import os
 import time
 from typing import Any
 
-import chex
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
