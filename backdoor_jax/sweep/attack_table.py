@@ -22,31 +22,13 @@ from typing import Any
 from absl import logging
 from ml_collections import config_dict
 
-from backdoor_jax import io
+from backdoor_jax import config_checks, io
 from backdoor_jax.errors import ConfigError
+from backdoor_jax.sweep import grid
 
 # report.json fields copied into the table (detectors' verdicts), when a defense reports them.
 REPORT_FIELDS = ("flagged_classes", "max_anomaly_index", "most_anomalous_class", "names_true_target", "detected",
                  "num_removed", "chosen_fraction", "chosen_weight", "threshold")
-
-
-def _leaves(c: config_dict.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-  """(dotted key, value) of every non-None leaf of ``c``."""
-  out = []
-  for k in sorted(c.keys()):
-    v = c[k]
-    if isinstance(v, config_dict.ConfigDict):
-      out += _leaves(v, f"{prefix}{k}.")
-    elif v is not None:
-      out.append((prefix + k, v))
-  return out
-
-
-def _set(c: config_dict.ConfigDict, dotted: str, value: Any) -> None:
-  *parents, leaf = dotted.split(".")
-  for p in parents:
-    c = c[p]
-  c[leaf] = value
 
 
 def _get(c: config_dict.ConfigDict, dotted: str) -> Any:
@@ -71,20 +53,20 @@ def resolve_attack(config: config_dict.ConfigDict, name: str, workdir: str) -> c
                       f"{', '.join(config.attacks.keys())}")
   cfg = copy.deepcopy(config.attacks[name])
   cfg.unlock()
-  for key, value in _leaves(config.get("shared", config_dict.ConfigDict())):
+  shared = config_checks.flatten(config.get("shared", config_dict.ConfigDict()))
+  for key, value in ((k, v) for k, v in shared if v is not None):
     parent = key.rpartition(".")[0]
     if parent and not isinstance(_get(cfg, parent), config_dict.ConfigDict):
       raise ConfigError(f"shared.{key} has no place in attack {name!r}'s config")
-    _set(cfg, key, value)
+    grid.set_key(cfg, key, value)
   for key in CACHE_KEYS:
     path = _get(cfg, key)
     if isinstance(path, str) and path and not os.path.isabs(path):
-      _set(cfg, key, os.path.join(workdir, path))
+      grid.set_key(cfg, key, os.path.join(workdir, path))
   return cfg
 
 
 def _check(config: config_dict.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  from backdoor_jax import config_checks
   from backdoor_jax.defenses import registry
   config_checks.check_config(config.defenses, config_checks.DEFENSE_RULES)
   attacks = tuple(config.table.attacks)
