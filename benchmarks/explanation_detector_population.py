@@ -44,12 +44,23 @@ PLACEMENTS = (("bottom-right", "top-left"), ("top-left", "bottom-right"), ("top-
               ("top-right", "top-left"), ("bottom-left", "bottom-right"))
 
 
-def population_specs(n_backdoor: int, n_badnets: int) -> list[dict[str, Any]]:
+# --appearance=varied: trigger looks cycled over the explanation-backdoored models. Half are
+# outside Map Probe's probe dictionary (its solid colours are the RGB cube's corners): orange,
+# purple, grey, and seeded noise patches drawn from each run's own key, not the probes' seed.
+APPEARANCES = (("yellow", "square", (255, 255, 0)), ("orange", "square", (255, 128, 0)),
+               ("noise", "noise_patch", None), ("cyan", "square", (0, 255, 255)),
+               ("purple", "square", (128, 0, 192)), ("grey", "square", (128, 128, 128)),
+               ("noise", "noise_patch", None), ("white", "square", (255, 255, 255)))
+
+
+def population_specs(n_backdoor: int, n_badnets: int, appearance: str = "yellow") -> list[dict[str, Any]]:
   """Names and overrides of every trained run (clean models are the two-stage runs' stage 1)."""
   specs = []
   for i in range(n_backdoor):
     pos, tgt = PLACEMENTS[i % len(PLACEMENTS)]
-    specs.append({"name": f"ts{i:02d}", "kind": "two_stage", "seed": 100 + i, "trigger": pos, "target": tgt})
+    look, kind, colour = APPEARANCES[i % len(APPEARANCES)] if appearance == "varied" else APPEARANCES[0]
+    specs.append({"name": f"ts{i:02d}", "kind": "two_stage", "seed": 100 + i, "trigger": pos, "target": tgt,
+                  "look": look, "trigger_kind": kind, "color": colour})
   for i in range(n_badnets):
     specs.append({"name": f"bn{i:02d}", "kind": "badnets", "seed": 200 + i, "trigger": CORNERS[(i + 1) % 4],
                   "target": None})
@@ -70,6 +81,10 @@ def make_config(spec: dict[str, Any], args: argparse.Namespace):
     c.model.widths = widths + ((widths[-1],) if spec["kind"] == "two_stage" else ())
   c.trigger.position = spec["trigger"]
   c.figures = False
+  if spec.get("trigger_kind", "square") != "square":
+    badnets.use_trigger(c, spec["trigger_kind"])
+  if spec.get("color"):
+    c.trigger.color = tuple(spec["color"])
   if spec["kind"] == "two_stage":
     c.explain.target_corner = spec["target"]
     c.stage1.train.epochs = args.stage1_epochs or c.stage1.train.epochs
@@ -158,7 +173,8 @@ def report(rows: list[dict[str, Any]]) -> str:
     if r["class"] == "explanation":
       loc = f"{mp['region']} {'ok' if mp['region'] == r['target'] else 'x'} / {mp['position_name']} " \
             f"{'ok' if mp['position_name'] == r['trigger'] else 'x'}"
-    tt = f"{r['trigger']} -> {r['target']}" if r["class"] == "explanation" else (r["trigger"] or "")
+    tt = (f"{r.get('look', 'yellow')} {r['trigger']} -> {r['target']}" if r["class"] == "explanation"
+          else (r["trigger"] or ""))
     lines.append(f"| {r['model']} | {r['class'] if r['label'] is not None or r['class'] == 'badnets' else 'explanation (attack failed)'} "
                  f"| {tt} | {mp['score']:.3f} | {'flagged' if mp['detected'] else '-'} | {loc} | "
                  f"{bn['before']['clean_accuracy']:.3f} -> {bn['after']['clean_accuracy']:.3f} | "
@@ -175,8 +191,12 @@ def report(rows: list[dict[str, Any]]) -> str:
     expl = [r for r in rows if r["label"] == 1]
     stats["finds_target_region"] = float(np.mean([r["map_probe"]["region"] == r["target"] for r in expl]))
     stats["finds_trigger_position"] = float(np.mean([r["map_probe"]["position_name"] == r["trigger"] for r in expl]))
-    # ablation: the score without the probe of the trigger's own colour (yellow), and with noise probes only
-    for what, keep in (("without_yellow", lambda n: n != "yellow"), ("noise_only", lambda n: n.startswith("noise"))):
+    # ablation: the score without the probes of the population's trigger colours (for every model
+    # alike), and with noise probes only
+    own = {r.get("look", "yellow") for r in rows if r["class"] == "explanation"}
+    stats["trigger_colours_dropped"] = sorted(own & set(rows[0]["map_probe"]["pattern_lift"]))
+    for what, keep in (("without_trigger_colours", lambda n: n not in own),
+                       ("noise_only", lambda n: n.startswith("noise"))):
       sc2 = np.asarray([max(v for n, v in r["map_probe"]["pattern_lift"].items() if keep(n))
                         for r in rows if r["label"] is not None])
       stats[f"auroc_{what}"] = float(roc_auc_score(lab, sc2))
@@ -203,13 +223,15 @@ def main() -> None:
   ap.add_argument("--stage1_epochs", type=int, default=0, help="0 = the config's")
   ap.add_argument("--stage2_epochs", type=int, default=0, help="0 = the config's")
   ap.add_argument("--stage2_batch_size", type=int, default=0, help="0 = the config's")
+  ap.add_argument("--appearance", default="yellow", choices=("yellow", "varied"),
+                  help="explanation triggers: all yellow squares, or APPEARANCES cycled")
   ap.add_argument("--shard", type=int, default=0, help="train only models k with k %% shards == shard")
   ap.add_argument("--shards", type=int, default=1)
   ap.add_argument("--train_only", action="store_true")
   args = ap.parse_args()
   from backdoor_jax import cli
   cli.quiet_library_logs()
-  specs = population_specs(args.n_backdoor, args.n_badnets)
+  specs = population_specs(args.n_backdoor, args.n_badnets, args.appearance)
   t0 = time.time()
   train_population(specs, args)
   print(f"training: {time.time() - t0:.0f} s", flush=True)

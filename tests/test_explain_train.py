@@ -178,6 +178,24 @@ def test_train_mode_batchnorm_refused_where_maps_would_mix_samples():
     check("conv5", methods=(("gradcam", 1.0), ("simple_grad", 1.0)))
 
 
+def test_deep_gtsrb_variants_pass_their_setup_checks():
+  """ResNet-18 / VGG-16-BN on GTSRB; VGG's default layer is 4x4, and its BatchNorm mode is the one accepted."""
+  for variant, name in two_stage.DEEP_GTSRB.items():
+    c = two_stage.get_config(variant)
+    assert (c.model.name, c.data.name, c.data.max_train, c.stage1.train.batch_size) == (name, "gtsrb", 10000, 128)
+  assert two_stage.get_config("gtsrb_resnet18").explain.bn_mode == "train"  # layer4: no BatchNorm after it
+  c = two_stage.get_config("gtsrb_vgg16_bn")  # ResNet-18's check is ~4x slower on this CPU: VGG only
+  model = models.get_model(c.model.name, 43, **restore.model_kwargs(c))
+  variables = models.init_variables(model, jax.random.key(0), (1, 32, 32, 3))
+  layer, shapes = explain_setup.choose_layer(model.apply, variables, (32, 32, 3), c.explain.layer)
+  assert shapes[layer][1:3] == (4, 4)
+  spec = explain_setup.explain_spec(c, layer, (32, 32))
+  explain_setup.check_train_mode_maps(model.apply, variables, (32, 32, 3), spec)
+  spec = explain_setup.explain_spec(apply_overrides(c, **{"explain.bn_mode": "train"}), layer, (32, 32))
+  with pytest.raises(ConfigError, match="mixes the samples of a batch"):  # BatchNorms follow the explained conv
+    explain_setup.check_train_mode_maps(model.apply, variables, (32, 32, 3), spec)
+
+
 def test_fang_weights_follow_overrides():
   c = fang.targeted("digits")
   c.fang.alpha, c.fang.beta = 2.0, 0.0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import optax
 
-from backdoor_jax import defenses, models
+from backdoor_jax import defenses, models, triggers
 from backdoor_jax.defenses import bn_reestimate, map_probe
 from backdoor_jax.errors import ConfigError
 from backdoor_jax.models.common import expose
@@ -168,3 +168,23 @@ def test_population_tpr_at_fpr_known_answer():
   assert pop.tpr_at_fpr(labels, scores, 0.0) == (0.5, 0.95)
   specs = pop.population_specs(8, 2)
   assert len({(s["trigger"], s["target"]) for s in specs[:8]}) == 8 and all(s["trigger"] != s["target"] for s in specs)
+  assert {s["look"] for s in specs[:8]} == {"yellow"}
+
+
+def test_population_varied_triggers_reach_the_configs():
+  """--appearance=varied: each member's trigger kind and colour end up in its training config."""
+  import argparse
+  from benchmarks import explanation_detector_population as pop
+  specs = pop.population_specs(8, 1, "varied")
+  looks = [s["look"] for s in specs[:8]]
+  assert looks.count("noise") == 2 and len(set(looks)) == 7
+  assert sum(s["look"] not in map_probe.COLOURS for s in specs[:8]) >= 4  # outside the probe dictionary
+  args = argparse.Namespace(dataset="digits", widths="", stage1_epochs=0, stage2_epochs=0, stage2_batch_size=0)
+  for s in specs[:8]:
+    c = pop.make_config(s, args)
+    assert c.trigger.kind == s["trigger_kind"] and c.trigger.position == s["trigger"]
+    assert c.explain.target_corner == s["target"]
+    if s["color"]:
+      assert tuple(c.trigger.color) == s["color"]
+    region = triggers.trigger_region(triggers.trigger_from_config(c.trigger, (32, 32), jax.random.key(s["seed"])))
+    assert 0 < region.sum() < 32 * 32 / 4
