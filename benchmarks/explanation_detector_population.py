@@ -206,6 +206,30 @@ def report(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def plot_scores(rows: list[dict[str, Any]], threshold: float, path: str) -> None:
+  """Map Probe score of every model, one column per class (clean, explanation-backdoored, BadNets)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from backdoor_jax import figures
+  groups = (("clean", lambda r: r["label"] == 0), ("explanation\nbackdoor", lambda r: r["label"] == 1),
+            ("attack did\nnot take", lambda r: r["class"] == "explanation" and r["label"] is None),
+            ("BadNets", lambda r: r["class"] == "badnets"))
+  groups = [(name, [r for r in rows if keep(r)]) for name, keep in groups]
+  groups = [(name, g) for name, g in groups if g]
+  fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 1.5, 3.2))
+  jitter = np.random.default_rng(0)
+  for i, (name, g) in enumerate(groups):
+    sc = np.asarray([r["map_probe"]["score"] for r in g])
+    ax.scatter(i + jitter.uniform(-0.15, 0.15, len(sc)), sc, s=22, alpha=0.8)
+  ax.axhline(threshold, color="k", lw=0.8, ls="--", label=f"flag threshold {threshold:g}")
+  ax.set_xticks(range(len(groups)), [n for n, _ in groups])
+  ax.set_ylabel("Map Probe score (largest lift)")
+  ax.set_ylim(-0.05, 1.05)
+  ax.legend(loc="upper left", fontsize=8, frameon=False)
+  figures.save_figure(fig, path)
+
+
 def _f(v: Any) -> str:
   return "n/a" if v is None else f"{v:.3f}"
 
@@ -252,6 +276,8 @@ def main() -> None:
   print(table)
   with open(os.path.join(args.root, "population.md"), "w") as f:
     f.write(table + "\n")
+  from backdoor_jax.defenses import map_probe
+  plot_scores(rows, float(map_probe.defaults().lift_threshold), os.path.join(args.root, "population.png"))
   with open(os.path.join(args.root, "population.json"), "w") as f:
     json.dump([{k: v for k, v in r.items()} for r in rows], f, indent=1, default=str)
   print(f"total: {time.time() - t0:.0f} s", flush=True)
