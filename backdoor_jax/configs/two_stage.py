@@ -85,12 +85,13 @@ def _deep_gtsrb(variant: str) -> config_dict.ConfigDict:
 
   Stage 1: Adam 1e-3 with a cosine decay over 5 epochs (VGG: 3) at batch 128. Stage 2 follows what a
   ResNet-18 pilot showed (a well-trained stage 1, then a few hundred steps near lr 1e-3 at
-  batch 32): 2 epochs at batch 32 with a cosine decay from 1e-3, BatchNorm statistics
-  updated (``bn_mode='train'``), Grad-CAM at the default layer (the deepest 4x4 map).
+  batch 32): 2 epochs at batch 32 with a cosine decay from 1e-3, Grad-CAM at the default
+  layer (the deepest 4x4 map). ResNet-18 trains with batch statistics (``bn_mode='train'``);
+  VGG-16-BN needs ``'refresh'`` (below).
   """
   c = get_config("gtsrb")
   c.model.name = DEEP_GTSRB[variant]
-  c.model.widths = badnets.get_config("gtsrb").model.widths  # small_cnn only; kept for the record
+  c.model.widths = badnets.get_config("gtsrb").model.widths  # unused by deep models: undo get_config's extra conv
   c.data.max_train = 10000
   c.data.max_test = 3000
   c.stage1.train.lr = 1e-3
