@@ -103,7 +103,7 @@ def _deep_gtsrb(variant: str) -> config_dict.ConfigDict:
     # the batch's samples into each map under 'train' (refused at setup): inference-mode
     # BatchNorm with the running statistics refreshed each step instead.
     c.explain.bn_mode = "refresh"
-    c.stage1.train.epochs = 3  # the measured run (README); it fitted the CPU budget
+    c.stage1.train.epochs = 3  # chosen to fit the 2-core CPU budget; this run has not finished yet (README)
   return c
 
 
