@@ -214,10 +214,8 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 def plot_scores(rows: list[dict[str, Any]], threshold: float, path: str) -> None:
   """Map Probe score of every model, one column per class (clean, explanation-backdoored, BadNets)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from backdoor_jax import figures
+  from backdoor_jax import figures  # selects the Agg backend
+  plt = figures.plt
   groups = (("clean", lambda r: r["label"] == 0), ("explanation\nbackdoor", lambda r: r["label"] == 1),
             ("attack did\nnot take", lambda r: r["class"] == "explanation" and r["label"] is None),
             ("BadNets", lambda r: r["class"] == "badnets"))

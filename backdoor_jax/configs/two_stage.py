@@ -91,7 +91,7 @@ def _deep_gtsrb(variant: str) -> config_dict.ConfigDict:
   """
   c = get_config("gtsrb")
   c.model.name = DEEP_GTSRB[variant]
-  c.model.widths = badnets.get_config("gtsrb").model.widths  # unused by deep models: undo get_config's extra conv
+  c.model.widths = tuple(c.model.widths)[:-1]  # unused by deep models: undo get_config's extra conv
   c.data.max_train = 10000
   c.data.max_test = 3000
   c.stage1.train.lr = 1e-3
