@@ -83,7 +83,7 @@ def get_config(variant: str = "digits") -> config_dict.ConfigDict:
 def _deep_gtsrb(variant: str) -> config_dict.ConfigDict:
   """A deep model (ResNet-18, VGG-16-BN) on a 10k / 3k GTSRB subset.
 
-  Stage 1: Adam 1e-3 with a cosine decay over 5 epochs (VGG: 3) at batch 128. Stage 2 follows what a
+  Stage 1: Adam 1e-3 with a cosine decay over 5 epochs at batch 128. Stage 2 follows what a
   ResNet-18 pilot showed (a well-trained stage 1, then a few hundred steps near lr 1e-3 at
   batch 32): 2 epochs at batch 32 with a cosine decay from 1e-3, Grad-CAM at the default
   layer (the deepest 4x4 map). ResNet-18 trains with batch statistics (``bn_mode='train'``);
@@ -103,7 +103,6 @@ def _deep_gtsrb(variant: str) -> config_dict.ConfigDict:
     # the batch's samples into each map under 'train' (refused at setup): inference-mode
     # BatchNorm with the running statistics refreshed each step instead.
     c.explain.bn_mode = "refresh"
-    c.stage1.train.epochs = 3  # chosen to fit the 2-core CPU budget; this run has not finished yet (README)
   return c
 
 
