@@ -79,12 +79,13 @@ def test_step_with_zero_map_weights_equals_plain_cross_entropy_step():
 
 @pytest.mark.parametrize("attack,keep,inverted,bn_mode", [("targeted", "reference", False, "train"),
                                                           ("nontargeted", "reference", False, "frozen"),
-                                                          ("targeted", "avoid_target", True, "refresh")])
+                                                          ("targeted", "avoid_target", True, "refresh"),
+                                                          ("targeted", "reference", False, "detached")])
 def test_step_reduces_attack_loss(attack, keep, inverted, bn_mode):
   model, v, st, spec, trig, mask, x, y = _tiny_setup(keep=keep, attack=attack, inverted=inverted, bn_mode=bn_mode)
   step = explain_steps.make_explain_train_step(steps.InputSpec((0.5,) * 3, (0.25,) * 3), spec, jax.random.key(0))
   first = None
-  for _ in range(25):
+  for _ in range(40):
     st, m = step(st, v, x, y, trig, mask)
     first = float(m["attack_sum"]) if first is None else first
   assert float(m["attack_sum"]) < 0.7 * first, (first, float(m["attack_sum"]))
@@ -176,6 +177,33 @@ def test_train_mode_batchnorm_refused_where_maps_would_mix_samples():
     check("conv3")
   with pytest.raises(ConfigError, match="simple_grad maps at the input"):
     check("conv5", methods=(("gradcam", 1.0), ("simple_grad", 1.0)))
+
+
+def test_detached_batchnorm_reproduces_train_mode_forward_with_per_sample_maps():
+  """'detached': inference-mode BatchNorm on this batch's statistics equals train mode's forward
+  pass, the momentum is measured, and a sample's map no longer depends on the others."""
+  c = tiny_two_stage(**{"explain.bn_mode": "detached"})
+  model = models.get_model(c.model.name, 10, **restore.model_kwargs(c))
+  v = models.init_variables(model, jax.random.key(0), (1, 32, 32, 3))
+  x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3)) * 2.0 + 0.5
+  # stage-1-like running statistics far from this batch's, so a wrong rescaling would show
+  v = {**v, "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}
+  spec = explain_setup.with_bn_momentum(explain_setup.explain_spec(c, "conv3", (32, 32)), model.apply, v, (32, 32, 3))
+  assert spec.bn_momentum == pytest.approx(0.9, abs=1e-6)
+  batch, running = explain_steps.batch_statistics(model.apply, v["params"], v["batch_stats"], x, spec.bn_momentum,
+                                                  jax.random.key(0))
+  want, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(model.apply({**v, "batch_stats": batch}, x, train=False), want, rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(running), jax.tree_util.tree_leaves(upd["batch_stats"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # a model whose BatchNorms disagree on the momentum is refused (one of them made to keep 0.95)
+  def apply2(vv, xx, train=False, mutable=False, **kw):
+    out, upd = model.apply(vv, xx, train=train, mutable=mutable, **kw)
+    leaves, tree = jax.tree_util.tree_flatten(upd["batch_stats"])
+    leaves[0] = leaves[0] + 0.05 * jax.tree_util.tree_leaves(vv["batch_stats"])[0]
+    return out, {"batch_stats": jax.tree_util.tree_unflatten(tree, leaves)}
+  with pytest.raises(ConfigError, match="needs one BatchNorm momentum .* 0.9 to 0.95"):
+    explain_setup.with_bn_momentum(spec, apply2, v, (32, 32, 3))
 
 
 def test_deep_gtsrb_variants_pass_their_setup_checks():

@@ -211,6 +211,31 @@ def explain_spec(c: config_dict.ConfigDict, layer: str, image_hw: tuple[int, int
       loss_resolution=res, top_k=int(e.top_k), bn_mode=e.bn_mode)
 
 
+def with_bn_momentum(spec: explain_steps.ExplainSpec, apply_fn, variables: Any, image_shape: tuple[int, ...]
+                     ) -> explain_steps.ExplainSpec:
+  """``spec`` with the model's BatchNorm momentum, measured, where ``bn_mode='detached'`` needs it.
+
+  Two train-mode passes from running statistics of all zeros and all ones: each statistic
+  moves to ``momentum * old + (1 - momentum) * batch``, so their difference is the momentum.
+  Models whose BatchNorms disagree on it are refused.
+  """
+  if spec.bn_mode != "detached" or "batch_stats" not in variables:
+    return spec
+  x = jax.random.normal(jax.random.key(0), (2,) + tuple(image_shape))
+
+  def updated(fill):
+    stats = jax.tree.map(lambda a: jnp.full_like(a, fill), variables["batch_stats"])
+    _, upd = apply_fn({**variables, "batch_stats": stats}, x, train=True, mutable=["batch_stats"],
+                      rngs={"dropout": jax.random.key(0)})
+    return jax.tree_util.tree_leaves(upd["batch_stats"])
+
+  moms = np.concatenate([np.ravel(np.asarray(b - a)) for a, b in zip(updated(0.0), updated(1.0))])
+  if moms.size == 0 or np.ptp(moms) > 1e-4:
+    raise ConfigError(f"explain.bn_mode='detached' needs one BatchNorm momentum for the whole model; measured "
+                      f"{moms.min():.4g} to {moms.max():.4g}; use explain.bn_mode='refresh' or 'frozen'")
+  return spec._replace(bn_momentum=float(np.mean(moms)))
+
+
 def check_train_mode_maps(apply_fn, variables: Any, image_shape: tuple[int, ...], spec: explain_steps.ExplainSpec,
                           seed: int = 0) -> None:
   """Refuses bn_mode='train' where it would make a sample's map depend on the others' scores.
@@ -249,7 +274,8 @@ def check_train_mode_maps(apply_fn, variables: Any, image_shape: tuple[int, ...]
           f"explain.bn_mode='train' mixes the samples of a batch in the {method} maps at {where}: a "
           f"BatchNorm after it normalises over the batch, so each sample's map picks up the other "
           f"samples' scores (largest d score_1 / d sample 0: {cross:.2g}, against {own:.2g} for its own); use "
-          f"explain.bn_mode='frozen' or 'refresh', or explain a layer with no BatchNorm after it")
+          f"explain.bn_mode='detached' (batch statistics held constant), 'frozen' or 'refresh', or explain a layer "
+          f"with no BatchNorm after it")
 
 
 def evaluate_explanations(eval_step, variables, ref_variables, images, labels, trig, loss_mask, region,

@@ -23,7 +23,7 @@ from backdoor_jax.train import optim, steps
 from backdoor_jax.train.state import TrainState
 
 
-BN_MODES = ("train", "frozen", "refresh")
+BN_MODES = ("train", "frozen", "refresh", "detached")
 """How BatchNorm behaves in stage 2 for the trained model's CE and maps (the reference
 model's maps are always computed in inference mode, as a user would see them):
   train    batch statistics for CE and for the maps (as in ordinary training); running
@@ -31,6 +31,11 @@ model's maps are always computed in inference mode, as a user would see them):
   frozen   running statistics everywhere (inference mode); never updated.
   refresh  inference mode everywhere, running statistics refreshed each step by a
            gradient-free train-mode pass.
+  detached this batch's statistics, measured by a gradient-free train-mode pass, normalise
+           the CE and map passes as constants: the forward equals train mode's, but no
+           gradient flows through the statistics, so each map stays per-sample even with
+           BatchNorms after the explained layer. Running statistics updated from that
+           pass with the model's momentum (``ExplainSpec.bn_momentum``).
 (Mixing them, CE on batch statistics but maps on running statistics, lets the two paths
 drift apart: triggered inputs lost their predictions at evaluation, measured 0.4-0.6.)
 With batch statistics, a BatchNorm after the explained activation makes a sample's map
@@ -69,7 +74,8 @@ class ExplainSpec(NamedTuple):
   keep_weight: float                      # mu
   loss_resolution: int                    # 0 = input size
   top_k: int
-  bn_mode: str                            # train / frozen / refresh (see BN_MODES)
+  bn_mode: str                            # train / frozen / refresh / detached (see BN_MODES)
+  bn_momentum: float = 0.9                # the model's BatchNorm momentum ('detached' only)
 
 
 def method_maps(spec: ExplainSpec, method: str, apply_fn: Callable, variables: Any, x: jax.Array,
@@ -115,6 +121,23 @@ def _mean_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(losses.cross_entropy(logits, labels))
 
 
+def batch_statistics(apply_fn: Callable, params: Any, batch_stats: Any, x: jax.Array, momentum: float,
+                     rng: jax.Array) -> tuple[Any, Any]:
+  """(this batch's BatchNorm statistics, the running statistics updated with them), no gradient.
+
+  One train-mode pass from zeroed running statistics leaves ``(1 - momentum)`` times the
+  batch mean and (biased) variance in every BatchNorm; inference-mode BatchNorm with the
+  rescaled values reproduces the train-mode forward pass exactly.
+  """
+  zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+  _, upd = apply_fn({"params": params, "batch_stats": zeros}, x, train=True, mutable=["batch_stats"],
+                    rngs={"dropout": rng})
+  part = jax.lax.stop_gradient(upd["batch_stats"])
+  batch = jax.tree.map(lambda u: u / (1.0 - momentum), part)
+  running = jax.tree.map(lambda old, u: momentum * old + u, batch_stats, part)
+  return batch, running
+
+
 def make_explain_train_step(input_spec: steps.InputSpec, spec: ExplainSpec, base_key: jax.Array, *,
                             task_loss: Callable[[jax.Array, jax.Array], jax.Array] = _mean_cross_entropy,
                             map_targets: Callable[[jax.Array, jax.Array], jax.Array] = lambda logits, labels: labels,
@@ -141,9 +164,14 @@ def make_explain_train_step(input_spec: steps.InputSpec, spec: ExplainSpec, base
     images = jnp.concatenate([triggers.apply_trigger(trigger, images[:k]), images[k:]], axis=0)
     x = steps.preprocess(None, images, input_spec)
 
+    norm_stats, detached_stats = state.batch_stats, None
+    if spec.bn_mode == "detached" and state.batch_stats:
+      norm_stats, detached_stats = batch_statistics(state.apply_fn, state.params, state.batch_stats, x,
+                                                    spec.bn_momentum, drop_key)
+
     def loss_fn(params):
-      variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-      new_stats = state.batch_stats
+      variables = {"params": params, **({"batch_stats": norm_stats} if state.batch_stats else {})}
+      new_stats = state.batch_stats if detached_stats is None else detached_stats
       map_apply = state.apply_fn
       if spec.bn_mode == "train" and state.batch_stats:
         logits, upd = state.apply_fn(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": drop_key})

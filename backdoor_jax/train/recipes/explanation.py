@@ -53,6 +53,7 @@ def train(config: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]
                                  triggers.trigger_region(trig))  # ConfigError for region-less kinds
   spec = setup.explain_spec(c, layer, image_shape[:2])
   setup.check_train_mode_maps(model.apply, init_vars, image_shape, spec, c.seed)
+  spec = setup.with_bn_momentum(spec, model.apply, init_vars, image_shape)
   loss_mask = jnp.asarray(explain_steps.losses.resize_mask(jnp.asarray(region), spec.loss_resolution))
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_global_batch(c.train.batch_size, mesh)

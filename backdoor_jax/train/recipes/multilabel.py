@@ -201,6 +201,7 @@ def train_two_stage(config: config_dict.ConfigDict, workdir: str | None) -> dict
                                  triggers.trigger_region(trig))
   spec = setup.explain_spec(c, layer, hw)
   setup.check_train_mode_maps(model.apply, ref_vars, ds.image_shape, spec, c.seed)
+  spec = setup.with_bn_momentum(spec, model.apply, ref_vars, ds.image_shape)
   loss_mask = jnp.asarray(explain_steps.losses.resize_mask(jnp.asarray(region), spec.loss_resolution))
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_global_batch(c.train.batch_size, mesh)
