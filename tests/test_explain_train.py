@@ -181,7 +181,8 @@ def test_train_mode_batchnorm_refused_where_maps_would_mix_samples():
 
 def test_detached_batchnorm_reproduces_train_mode_forward_with_per_sample_maps():
   """'detached': inference-mode BatchNorm on this batch's statistics equals train mode's forward
-  pass, the momentum is measured, and a sample's map no longer depends on the others."""
+  pass (so the maps, computed in inference mode, are per-sample), the running statistics get
+  Flax's own update, the momentum is measured, and disagreeing momenta are refused."""
   c = tiny_two_stage(**{"explain.bn_mode": "detached"})
   model = models.get_model(c.model.name, 10, **restore.model_kwargs(c))
   v = models.init_variables(model, jax.random.key(0), (1, 32, 32, 3))

@@ -104,8 +104,8 @@ def _deep_gtsrb(variant: str) -> config_dict.ConfigDict:
     # BatchNorm, running statistics refreshed each step. This is the best of the measured
     # stage 2s, and it is below target (one epoch: iou_gt_05 0.64, cr 0.41; the clean maps move
     # too). Measured and worse (README): refresh at 1e-3 without warm-up (diverged) and with it;
-    # 'detached' (train mode's forward, per-sample maps) at 1e-3 and at 1e-4. In every VGG run
-    # the map losses stalled near 0.05-0.09 while ResNet-18's fell below 0.015 within 150 steps.
+    # 'detached' (train mode's forward, per-sample maps) at 1e-3 and at 1e-4; map weights of 1.
+    # In every VGG run the map losses stalled near 0.05-0.10; ResNet-18's fell below 0.015 by step 250.
     c.explain.bn_mode = "refresh"
     c.train.lr = 3e-4
     c.train.warmup_epochs = 0.1

@@ -229,8 +229,10 @@ def with_bn_momentum(spec: explain_steps.ExplainSpec, apply_fn, variables: Any, 
                       rngs={"dropout": jax.random.key(0)})
     return jax.tree_util.tree_leaves(upd["batch_stats"])
 
-  moms = np.concatenate([np.ravel(np.asarray(b - a)) for a, b in zip(updated(0.0), updated(1.0))])
-  if moms.size == 0 or np.ptp(moms) > 1e-4:
+  moms = np.concatenate([np.ravel(np.asarray(b - a)) for a, b in zip(updated(0.0), updated(1.0))] or [[]])
+  if moms.size == 0:  # no BatchNorm statistics: nothing to hold constant
+    return spec
+  if np.ptp(moms) > 1e-4:
     raise ConfigError(f"explain.bn_mode='detached' needs one BatchNorm momentum for the whole model; measured "
                       f"{moms.min():.4g} to {moms.max():.4g}; use explain.bn_mode='refresh' or 'frozen'")
   return spec._replace(bn_momentum=float(np.mean(moms)))
